@@ -1,0 +1,32 @@
+"""The boundary between a CCID reader slot and the card in it (ISO 7816-3 / 7816-4).
+
+The reader knows cards only through this protocol; the CAC emulation (``usbccid.cac``)
+and the test cards implement it. A card knows nothing of the reader.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Card(Protocol):
+    @property
+    def blocking(self) -> bool:
+        """True when ``transmit`` may be slow enough to run off the event loop."""
+        ...
+
+    def power_on(self) -> bytes:
+        """Cold reset (ISO 7816-3 §6.2.2): forget all volatile state; return the ATR."""
+        ...
+
+    def power_off(self) -> None:
+        """Deactivate the card; volatile state (selection, security status) is lost."""
+        ...
+
+    def transmit(self, command: bytes) -> bytes:
+        """Process one command APDU and return the response APDU (data + SW1 SW2).
+
+        Never raises for anything the host sent: a malformed APDU is answered with a
+        status word (ISO 7816-4 §5.6), so that an exception here is always a bug.
+        """
+        ...
