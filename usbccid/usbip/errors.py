@@ -23,8 +23,13 @@ class UrbError(UsbipError):
         self.status = status
 
 
-class Stall(UrbError):
+class Stall(UrbError):  # noqa: N818 (named after the USB handshake)
     """The endpoint (or the control pipe) answers STALL: RET_SUBMIT status -EPIPE."""
 
     def __init__(self, message: str = "stall") -> None:
         super().__init__(-errno.EPIPE, message)
+
+
+class UsbipLocalError(UsbipError):
+    """We tried to emit something illegal (a field out of range, more IN data than the URB
+    asked for). Always a bug of ours; the shell logs it and closes the connection."""

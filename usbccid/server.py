@@ -1,0 +1,298 @@
+"""The asyncio shell around the sans-IO USB/IP stack: sockets, the clock, threads.
+
+It parses nothing. Per TCP connection it feeds what it reads to an
+:class:`~usbccid.usbip.exporter.ExportConnection`, writes what that returns, runs the jobs
+it hands out (``run()`` inline, or on a thread when ``job.blocking``; ``finish()`` always
+on the loop) and drives its timer with ``loop.call_at``. A peer that breaks the protocol
+(:class:`UsbipRemoteError`) loses its own connection and nothing else; any other
+exception is a bug, logged with its traceback, and also closes only that connection.
+
+Tests (and the pyusb backend) start a server on a free port with :class:`ServerThread`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import TypeVar
+
+from usbccid.jobs import Job
+from usbccid.usbip.errors import UsbipRemoteError
+from usbccid.usbip.exporter import ExportConnection, Exporter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3240  # IANA "usbip"
+READ_SIZE = 1 << 16
+
+T = TypeVar("T")
+
+
+class _Peer:
+    """One accepted TCP connection."""
+
+    def __init__(
+        self,
+        server: UsbipServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        peername = writer.get_extra_info("peername")
+        self.name = f"{peername[0]}:{peername[1]}" if peername else "?"
+        self.conn: ExportConnection = server.exporter.connect(self.name)
+        self.loop = asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # usbipd and the usbip tool set TCP_NODELAY (usbip_network.c); without it Nagle
+            # and delayed ACKs add tens of ms per URB. Keepalive finds half-dead peers that
+            # would otherwise keep a device imported forever.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    async def run(self) -> None:
+        log.info("%s: connected", self.name)
+        try:
+            while not self.closed:
+                data = await self.reader.read(READ_SIZE)
+                self.guard(self.conn.receive_data, data)
+                if not data or self.closed:
+                    break
+                await self.writer.drain()  # back-pressure: a peer that does not read
+        except ConnectionError as e:
+            log.info("%s: %s", self.name, e)
+        finally:
+            self.close()
+            with contextlib.suppress(ConnectionError):
+                await self.writer.wait_closed()
+            log.info("%s: closed", self.name)
+
+    def guard(self, call: Callable[..., None], *args: object) -> None:
+        """Call into the stack, then flush; any exception closes this connection only."""
+        if self.closed:
+            return
+        try:
+            call(*args)
+            self.flush()
+        except UsbipRemoteError as e:
+            log.warning("%s: protocol error, closing: %s", self.name, e)
+            self.flush_quietly()
+            self.close()
+        except Exception:
+            log.exception("%s: internal error, closing", self.name)
+            self.close()
+
+    def flush(self) -> None:
+        """Run due inline jobs, write the pending output, re-arm the timer, maybe close."""
+        self.start_jobs()
+        data = self.conn.data_to_send()
+        if data:
+            self.writer.write(data)
+        self.arm_timer()
+        if self.conn.should_close:
+            self.close()
+
+    def flush_quietly(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
+
+    def start_jobs(self) -> None:
+        while not self.closed and (job := self.conn.next_job(self.loop.time())) is not None:
+            if job.blocking:
+                task = self.loop.create_task(self.run_blocking(job))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            else:
+                job.run()
+                job.finish()
+                self.conn.poll()
+
+    async def run_blocking(self, job: Job) -> None:
+        try:
+            await asyncio.to_thread(job.run)
+        except Exception:
+            log.exception("%s: job failed, closing", self.name)
+            self.close()
+            return
+        # A job whose connection is gone is dropped: the device was reset (and may be
+        # imported by someone else by now), so its result must not reach the function.
+        if not self.closed:
+            self.guard(self.finish_job, job)
+
+    def finish_job(self, job: Job) -> None:
+        job.finish()
+        self.conn.poll()
+
+    def arm_timer(self) -> None:
+        when = self.conn.get_timer()
+        if self.timer is not None:
+            if when is not None and self.timer.when() == when:
+                return
+            self.timer.cancel()
+            self.timer = None
+        if when is not None and not self.closed:
+            self.timer = self.loop.call_at(when, self.on_timer)
+
+    def on_timer(self) -> None:
+        self.timer = None
+        self.guard(self.conn.handle_timer, self.loop.time())
+
+    def poke(self) -> None:
+        """Re-poll parked URBs after a change made outside the URB stream."""
+        self.guard(self.conn.poll)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.conn.connection_lost()
+        self.writer.close()
+        self.server.peers.discard(self)
+
+
+class UsbipServer:
+    """A USB/IP TCP server for ``exporter`` on one event loop."""
+
+    def __init__(self, exporter: Exporter) -> None:
+        self.exporter = exporter
+        self.peers: set[_Peer] = set()
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> tuple[str, int]:
+        """Listen; returns the bound (host, port), useful with port 0."""
+        self._server = await asyncio.start_server(self._accept, host, port)
+        address = self._server.sockets[0].getsockname()
+        log.info("USB/IP server listening on %s:%s", address[0], address[1])
+        return address[0], address[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _Peer(self, reader, writer)
+        self.peers.add(peer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            await peer.run()
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+
+    def poke(self) -> None:
+        """Re-poll every connection's parked URBs (after a card insertion, say)."""
+        for peer in list(self.peers):
+            peer.poke()
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None, "call start() first"
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        """Stop listening and close every connection."""
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self.peers):
+            peer.close()
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=5)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def serve(exporter: Exporter, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Serve ``exporter`` until cancelled."""
+    server = UsbipServer(exporter)
+    await server.start(host, port)
+    try:
+        await server.serve_forever()
+    finally:
+        await server.close()
+
+
+class ServerThread:
+    """A :class:`UsbipServer` on its own event loop in a background thread.
+
+    ``with ServerThread(exporter) as (host, port): ...`` listens on a free port of
+    127.0.0.1 and stops (closing all connections) on exit. The stack is single-threaded:
+    change devices or functions only through :meth:`call`, which runs on the loop thread
+    and then re-polls the parked URBs of every connection.
+    """
+
+    def __init__(self, exporter: Exporter, host: str = DEFAULT_HOST, port: int = 0) -> None:
+        self.exporter = exporter
+        self.host = host
+        self.port = port
+        self.address: tuple[str, int] | None = None
+        self._server = UsbipServer(exporter)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="usbip-server", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as e:  # reported to the starting thread
+            self._error = e
+            self._ready.set()
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.address = await self._server.start(self.host, self.port)
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self._server.close()
+
+    def start(self) -> tuple[str, int]:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise RuntimeError("USB/IP server failed to start") from self._error
+        assert self.address is not None
+        return self.address
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` on the server's loop, re-poll every connection, return the result."""
+        assert self._loop is not None, "server not started"
+
+        async def in_loop() -> T:
+            result = fn()
+            self._server.poke()
+            return result
+
+        return asyncio.run_coroutine_threadsafe(in_loop(), self._loop).result(timeout=30)
+
+    def __enter__(self) -> tuple[str, int]:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
