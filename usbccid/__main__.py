@@ -1,0 +1,9 @@
+"""``python -m usbccid``: the same as the ``usbccid`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from usbccid.cli import main
+
+sys.exit(main())

@@ -1,0 +1,281 @@
+"""The control plane's protocol, sans-IO: one JSON request in, one JSON reply out.
+
+Each datagram on the control socket (``usbccid.control_server``) holds one UTF-8 JSON
+object, a request::
+
+    {"command": "status"}
+    {"command": "insert", "reader": "desk", "slot": 0}
+    {"command": "remove", "reader": "1-1"}              # slot defaults to 0
+    {"command": "reload"}
+
+and the server answers each with one reply datagram::
+
+    {"ok": true, "result": {...}}
+    {"ok": false, "error": "no reader 'desk2' (readers: desk)"}
+
+The server's side is :func:`handle_request`, which calls a :class:`ServerState` (the
+composition root, ``usbccid.app``, implements it); the client's side is
+:func:`encode_request` and :func:`decode_reply`. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Protocol
+
+from usbccid.errors import UsbccidError
+
+MAX_DATAGRAM: Final = 65536
+SOCKET_NAME: Final = "control.sock"
+COMMANDS: Final = ("status", "insert", "remove", "reload")
+
+
+class ControlError(UsbccidError):
+    """A request failed; the message is the reply's ``error`` (one line, for a human)."""
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    index: int
+    state: str  # "empty", "present" (card inserted, not powered) or "active" (powered)
+    card: str | None = None  # what card is (or would be) in it, for a human
+
+
+@dataclass(frozen=True)
+class ReaderStatus:
+    name: str
+    bus_id: str
+    vendor_id: int
+    product_id: int
+    product: str
+    client: str | None  # "HOST:PORT" of the client that imported it, or None
+    slots: tuple[SlotStatus, ...]
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    version: str
+    listen: str  # "HOST:PORT"
+    pid: int
+    uptime: float
+    readers: tuple[ReaderStatus, ...]
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+
+class ServerState(Protocol):
+    """What the control plane may ask of the running server."""
+
+    def status(self) -> ServerStatus: ...
+
+    def insert(self, reader: str, slot: int) -> None:
+        """Insert the slot's card; the host sees NotifySlotChange.
+
+        Raises:
+            ControlError: no such reader or slot, or the slot holds no card.
+        """
+        ...
+
+    def remove(self, reader: str, slot: int) -> None:
+        """Remove the slot's card (it stays configured, and can be inserted again).
+
+        Raises:
+            ControlError: no such reader or slot.
+        """
+        ...
+
+    def reload(self) -> Mapping[str, Any]:
+        """Re-read the configuration's cards; return a JSON-able summary of what changed.
+
+        Raises:
+            ControlError: the configuration is invalid (the running cards stay).
+        """
+        ...
+
+
+# --------------------------------------------------------------------------- server side
+
+
+def handle_request(data: bytes, state: ServerState) -> bytes:
+    """Answer one request datagram; never raises for anything the client sent."""
+    try:
+        request = _parse_request(data)
+        result = _dispatch(request, state)
+    except ControlError as exc:
+        return _reply({"ok": False, "error": str(exc)})
+    return _reply({"ok": True, "result": result})
+
+
+def _reply(obj: Mapping[str, Any]) -> bytes:
+    out = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+    if len(out) > MAX_DATAGRAM:
+        out = json.dumps({"ok": False, "error": "reply too large for one datagram"}).encode()
+    return out
+
+
+def _parse_request(data: bytes) -> Mapping[str, Any]:
+    try:
+        request = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ControlError("request is not a JSON object") from None
+    if not isinstance(request, dict):
+        raise ControlError("request is not a JSON object")
+    command = request.get("command")
+    if command not in COMMANDS:
+        raise ControlError(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
+    allowed = {"command"} | ({"reader", "slot"} if command in ("insert", "remove") else set())
+    unknown = sorted(set(request) - allowed)
+    if unknown:
+        raise ControlError(f"unexpected field {unknown[0]!r} in {command} request")
+    return request
+
+
+def _dispatch(request: Mapping[str, Any], state: ServerState) -> Any:
+    command = request["command"]
+    if command == "status":
+        return status_to_json(state.status())
+    if command == "reload":
+        return dict(state.reload())
+    reader = request.get("reader")
+    if not isinstance(reader, str) or not reader:
+        raise ControlError(f"{command} needs a reader (its name or bus id)")
+    slot = request.get("slot", 0)
+    if not isinstance(slot, int) or isinstance(slot, bool) or slot < 0:
+        raise ControlError(f"slot must be a non-negative integer, got {slot!r}")
+    if command == "insert":
+        state.insert(reader, slot)
+    else:
+        state.remove(reader, slot)
+    return {"reader": reader, "slot": slot}
+
+
+def status_to_json(status: ServerStatus) -> dict[str, Any]:
+    out = asdict(status)
+    return out
+
+
+def status_from_json(obj: Mapping[str, Any]) -> ServerStatus:
+    """The inverse of :func:`status_to_json` (the client's view).
+
+    Raises:
+        ControlError: the reply does not have the expected shape.
+    """
+    try:
+        readers = tuple(
+            ReaderStatus(
+                name=r["name"],
+                bus_id=r["bus_id"],
+                vendor_id=r["vendor_id"],
+                product_id=r["product_id"],
+                product=r["product"],
+                client=r["client"],
+                slots=tuple(SlotStatus(**s) for s in r["slots"]),
+                counters=dict(r.get("counters", {})),
+            )
+            for r in obj["readers"]
+        )
+        return ServerStatus(
+            version=obj["version"],
+            listen=obj["listen"],
+            pid=obj["pid"],
+            uptime=obj["uptime"],
+            readers=readers,
+            counters=dict(obj.get("counters", {})),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ControlError(f"malformed status reply ({exc})") from None
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def encode_request(command: str, reader: str | None = None, slot: int | None = None) -> bytes:
+    if command not in COMMANDS:
+        raise ControlError(f"unknown command {command!r}")
+    request: dict[str, Any] = {"command": command}
+    if reader is not None:
+        request["reader"] = reader
+    if slot is not None:
+        request["slot"] = slot
+    return json.dumps(request).encode()
+
+
+def decode_reply(data: bytes) -> Any:
+    """The ``result`` of a reply datagram.
+
+    Raises:
+        ControlError: the server reported an error, or the reply is malformed.
+    """
+    try:
+        reply = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ControlError("the server's reply is not JSON") from None
+    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+        raise ControlError("the server's reply is malformed")
+    if not reply["ok"]:
+        raise ControlError(str(reply.get("error", "unknown error")))
+    return reply.get("result")
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    """``READER[:SLOT]`` → (reader, slot). READER is a reader's name or its bus id.
+
+    Raises:
+        ControlError: malformed.
+    """
+    reader, sep, slot_text = text.rpartition(":")
+    if not sep:
+        reader, slot_text = text, "0"
+    if not reader:
+        raise ControlError(f"{text!r}: expected READER[:SLOT]")
+    if not slot_text.isdigit():
+        raise ControlError(f"{text!r}: the slot must be a number (READER[:SLOT])")
+    return reader, int(slot_text)
+
+
+def format_status(status: ServerStatus) -> str:
+    """The status as text for a human (``usbccid ctl status``)."""
+    lines = [
+        f"usbccid {status.version}, pid {status.pid}, listening on {status.listen}, "
+        f"up {_duration(status.uptime)}"
+    ]
+    lines += [f"  {k}: {v}" for k, v in sorted(status.counters.items())]
+    for r in status.readers:
+        client = f"imported by {r.client}" if r.client else "not imported"
+        lines.append(
+            f"reader {r.name}  bus id {r.bus_id}  {r.vendor_id:04x}:{r.product_id:04x} "
+            f"{r.product}  ({client})"
+        )
+        for s in r.slots:
+            card = f"  {s.card}" if s.card else ""
+            lines.append(f"  slot {s.index}: {s.state}{card}")
+        if r.counters:
+            counters = ", ".join(f"{k} {v}" for k, v in sorted(r.counters.items()))
+            lines.append(f"  counters: {counters}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def find_reader(names: Sequence[tuple[str, str]], wanted: str) -> int:
+    """The index of the reader whose name or bus id is ``wanted``.
+
+    ``names`` is the readers' (name, bus id) pairs, in order.
+
+    Raises:
+        ControlError: no such reader.
+    """
+    for i, (name, bus_id) in enumerate(names):
+        if wanted in (name, bus_id):
+            return i
+    known = ", ".join(f"{n} ({b})" for n, b in names) or "none"
+    raise ControlError(f"no reader {wanted!r} (readers: {known})")
