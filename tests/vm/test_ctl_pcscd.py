@@ -48,7 +48,7 @@ while True:
 
 
 def test_ctl_remove_insert_seen_by_pcscd(
-    vm_guest: Guest,  # noqa: F811
+    vm_guest: Guest,
     tmp_path: Path,
     usbccid_state_template: Path,
 ) -> None:
