@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cac.conftest import counting_random, make_profile
+from tests.cac.conftest import PIN, counting_random, make_profile
 from tests.cac.helpers import CCC, GP, MSFT, PKI0, PKI1, Session, h, pin_block
 from usbccid.cac.card import ATR_LIBCACARD_CAC, ATR_VCARD_NSS, CacCard
 from usbccid.cac.profile import CardProfile, MemoryPinStateStore
+from usbccid.cac.tlv import parse_simple_tlv
 from usbccid.card import Card
 
 FCI_CCC = h("6F 0B 84 07 A0 00 00 01 16 DB 00 A5 00")
@@ -245,3 +246,56 @@ def test_every_instruction_in_every_applet(s: Session, aid: str | None) -> None:
             assert r.sw == 0x6900, hex(ins)
         else:
             assert r.sw == 0x6D00, hex(ins)
+
+
+def _join_tl_v(tl: bytes, v: bytes) -> list[tuple[int, bytes]]:
+    """Put a VM-card T buffer and V buffer back together (simple-TLV lengths, FF = long)."""
+    out = []
+    i = j = 0
+    while i < len(tl):
+        tag, n = tl[i], tl[i + 1]
+        i += 2
+        if n == 0xFF:
+            n = int.from_bytes(tl[i : i + 2], "little")
+            i += 2
+        out.append((tag, v[j : j + n]))
+        j += n
+    return out
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_fewer_than_three_containers_padded_for_coolkey(count: int) -> None:
+    """Debian's coolkey 1.1.0 loads PKI instances 0, 1 and 2 from the CCC's CardURLs and,
+    when one has no CardURL or cannot be selected, disconnects and reports the token
+    removed (slot.cpp selectCACApplet): a 1-container card was an empty slot in the VM
+    test. Cards with fewer than three containers now list three PKI applets, the extra
+    ones empty. This replays coolkey's conversation (CLA 80 reads, 255-byte chunks)."""
+    card = CacCard(make_profile([1024] * count), MemoryPinStateStore())
+    card.power_on()
+    s = Session(card)
+    assert s.full(h("00 A4 04 00 07") + h(CCC)).sw == 0x9000
+    tl = s.read_file(0x01, cla=0x80, chunk=255)
+    v = s.read_file(0x02, cla=0x80, chunk=255)
+    urls = [value for tag, value in _join_tl_v(tl, v) if tag == 0xF3]
+    assert [u[5] for u in urls] == [0x04, 0x04, 0x04]  # three PKI CardURLs
+    assert [u[8:10] for u in urls] == [h("01 00"), h("01 01"), h("01 02")]
+    for instance, url in enumerate(urls):
+        aid = url[:5] + url[8:10]
+        assert s.full(bytes((0, 0xA4, 4, 0, 7)) + aid).sw == 0x9000
+        assert s.sw(h("00 A4 02 0C 02") + url[6:8]) == 0x9000
+        props = dict(parse_simple_tlv(s.full("00 56 01 00").data))
+        pki = dict(parse_simple_tlv(props[0x51]))[0x43]
+        if instance < count:
+            t_buffer = s.read_file(0x01, cla=0x80, chunk=255)
+            assert t_buffer[:1] == h("71")
+            assert h("70") in t_buffer
+            assert pki[2] == 0x01  # private key initialised
+        else:
+            # A failed READ BUFFER: coolkey's non-fatal "no certificate in pki 1/2" (empty
+            # buffers made it parse an empty certificate and drop the whole token);
+            # OpenSC: "No cert found", skipped.
+            assert s.sw("80 52 00 00 02 01 02") == 0x6A82
+            assert s.sw("00 52 00 00 02 02 02") == 0x6A82
+            assert pki[2] == 0x00
+            assert s.verify(PIN) == 0x9000
+            assert s.sw(h("00 42 00 00 80") + bytes(128)) == 0x6A88

@@ -40,7 +40,7 @@ from usbccid.cac.applets.buffers import (
 )
 from usbccid.cac.applets.ccc import CCC_AID, CccApplet
 from usbccid.cac.applets.pin import PinService
-from usbccid.cac.applets.pki import MAX_PKI_CONTAINERS, PkiApplet
+from usbccid.cac.applets.pki import MAX_PKI_CONTAINERS, EmptyPkiApplet, PkiApplet
 from usbccid.cac.applets.windows import (
     GP_AID,
     INS_GET_DATA,
@@ -86,6 +86,9 @@ APPLET_INSTRUCTIONS = frozenset(
 
 #: Key size from which an RSA operation is slow enough to leave the event loop.
 BLOCKING_KEY_BITS = 3072
+#: Fewest PKI applets a card shows: coolkey loads instances 0, 1 and 2 and gives up on the
+#: whole token when one of them cannot be selected (pki.EmptyPkiApplet).
+MIN_PKI_APPLETS = 3
 MAX_CHAIN_DATA = 65535
 CHALLENGE_LEN = 8  # OpenSC's cac_get_challenge wants exactly 8 bytes
 
@@ -122,11 +125,16 @@ class CacCard:
         self._pin = PinService(profile.pin_policy, pin_store)
         self._ctx = CardContext(pin=self._pin, random_bytes=random_bytes)
         self.pki_applets = [PkiApplet(i, c) for i, c in enumerate(profile.containers)]
-        pki_aids = [a.aid for a in self.pki_applets]
+        # coolkey needs PKI instances 0-2 (see EmptyPkiApplet): pad with empty containers.
+        self.empty_pki_applets = [
+            EmptyPkiApplet(i) for i in range(len(self.pki_applets), MIN_PKI_APPLETS)
+        ]
+        pki_aids = [a.aid for a in (*self.pki_applets, *self.empty_pki_applets)]
         applets: list[Applet] = [
             CccApplet(profile.card_id, pki_aids),
             AcaApplet(CCC_AID, pki_aids, GP_AID),
             *self.pki_applets,
+            *self.empty_pki_applets,
             GpCardManagerApplet(profile.card_id),
             MsftPnpApplet(),
         ]

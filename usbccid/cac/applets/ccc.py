@@ -12,8 +12,10 @@ Layout (simple-TLV, split into T and V buffers), in the order real cards use:
   PKCS#11 serial number, so they come from ``profile.card_id`` and differ per card
   (libcacard's are constant; clients.md pitfall 16).
 * ``F1``/``F2`` capability container / grammar version ``21``.
-* ``F3`` one 16-byte CardURL per PKI container: RID · type ``04`` · object ID ``01 0n``
-  · application ID ``01 0n`` · six zero bytes (unused on VM cards).
+* ``F3`` one 16-byte CardURL per PKI applet: RID · type ``04`` · object ID ``01 0n``
+  · application ID ``01 0n`` · six zero bytes (unused on VM cards). At least three, as
+  on real CACs: a card with fewer containers lists empty PKI applets after them, since
+  coolkey gives up on a token whose PKI instance 1 or 2 is missing (pki.EmptyPkiApplet).
 * ``F4`` PKCS#15 ``00``, ``F5`` registered data model ``10``, ``F6`` access control rule
   table ``07 <ACA AID>`` + 9 zero bytes.
 * ``F7 FA FB FC FD FE`` empty and **last**: OpenSC aborts CCC parsing on an empty ``FD``

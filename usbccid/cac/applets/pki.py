@@ -127,3 +127,49 @@ class PkiApplet(BufferApplet):
         block = bytes(self._sign_buffer)
         self._sign_buffer.clear()
         return rsa_private_raw(self._key, block)
+
+
+class EmptyPkiApplet(BufferApplet):
+    """A PKI applet whose container holds no key (an uninitialised CAC container).
+
+    Debian's coolkey 1.1.0 loads PKI instances 0, 1 and 2 unconditionally
+    (slot.cpp ``Slot::loadObjects``), and for an instance missing from the CCC it finds an
+    empty AID in ``selectCACApplet``, **disconnects** from the card and reports the token
+    removed: a card with one or two containers shows an empty slot. Real CACs always have
+    three PKI applets, so cards with fewer containers pad the CCC with these: SELECT of the
+    applet and of its object succeeds; READ BUFFER answers ``6A 82`` (no data), which
+    coolkey treats as "no certificate in pki 1/2", non-fatal, and OpenSC's CAC emulation
+    as "No cert found" (skipped); GET PROPERTIES says the private key is not initialised;
+    SIGN/DECRYPT answers ``6A 88``. (Empty buffers would not do: Debian's coolkey then
+    goes on to parse an empty certificate and drops every object of the token.)
+    """
+
+    def __init__(self, index: int) -> None:
+        if not 0 <= index < MAX_PKI_CONTAINERS:
+            raise ValueError("PKI container index out of range")
+        super().__init__(pki_aid(index), pki_oid(index), [])
+        self.index = index
+
+    def short_properties(self) -> list[tuple[int, bytes]]:
+        # 43: RSA, no key length, private key and public key not initialised.
+        pki = bytes((ALGORITHM_RSA, 0x00, 0x00, 0x00))
+        obj = encode_simple_tlv(
+            [
+                (TAG_OBJECT_ID, self.oid),
+                (TAG_BUFFER_PROPERTIES, self.object_properties()),
+                (TAG_PKI_PROPERTIES, pki),
+            ]
+        )
+        return [
+            (TAG_APPLET_INFORMATION, APPLET_INFO),
+            (TAG_NUMBER_OF_OBJECTS, b"\x01"),
+            (TAG_PKI_OBJECT, obj),
+        ]
+
+    def read_buffer(self, apdu: CommandApdu) -> bytes:
+        raise CardError(SW.FILE_NOT_FOUND, "empty container")
+
+    def process(self, apdu: CommandApdu, ctx: CardContext) -> bytes:
+        if apdu.ins == INS_SIGN_DECRYPT:
+            raise CardError(SW.REFERENCED_DATA_NOT_FOUND, "no key in this container")
+        return super().process(apdu, ctx)
