@@ -100,6 +100,13 @@ class ReaderConfig:
     # a 1 s interval with multiplier 1 keeps any host timeout >= 1 s from expiring.
     time_extension_interval: float = 1.0
     time_extension_multiplier: int = 1
+    # Multi-slot readers repeat a slot's NotifySlotChange until the host asks that slot's
+    # status (see CcidReader._poll_interrupt_in: libccid's multi-slot polling loses
+    # notifications): first after renotify_interval seconds, then doubling up to
+    # renotify_max_interval, at most renotify_limit times per change.
+    renotify_interval: float = 0.25
+    renotify_max_interval: float = 2.0
+    renotify_limit: int = 8
 
     def __post_init__(self) -> None:
         if not MIN_MESSAGE_LENGTH <= self.max_message_length <= MAX_MESSAGE_LENGTH_EXTENDED:
@@ -108,6 +115,10 @@ class ReaderConfig:
             raise ValueError("time_extension_interval must be positive")
         if not 0 <= self.time_extension_multiplier <= 0xFF:
             raise ValueError("time_extension_multiplier is one byte")
+        if not 0 < self.renotify_interval <= self.renotify_max_interval:
+            raise ValueError("need 0 < renotify_interval <= renotify_max_interval")
+        if self.renotify_limit < 0:
+            raise ValueError("renotify_limit must not be negative")
 
     @property
     def max_data_length(self) -> int:

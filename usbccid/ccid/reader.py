@@ -200,6 +200,11 @@ class _Slot:
         self.command_chain: bytearray | None = None
         self.response_rest: bytes | None = None
         self.changed = False  # presence changed since the last NotifySlotChange
+        # Multi-slot readers: a change was notified and the host has not asked this slot's
+        # status since; it is notified again at renotify_at (armed with the next `now`).
+        self.announced = False
+        self.renotify_at: float | None = None
+        self.renotify_count = 0
         self.abort_seq: int | None = None  # control ABORT seen, bulk Abort awaited
         self.bulk_abort_seq: int | None = None  # bulk Abort seen, control ABORT awaited
         self.deferred_abort_seq: int | None = None  # answer the bulk Abort after the job
@@ -288,6 +293,7 @@ class CcidReader:
         record.power_down()
         record.state = step.next_state
         record.changed = True
+        record.renotify_count = 0
 
     def remove(self, slot: int) -> Card | None:
         """Take the card out of ``slot``; returns it (None if the slot was empty).
@@ -307,6 +313,7 @@ class CcidReader:
         record.power_down()
         record.state = step.next_state
         record.changed = True
+        record.renotify_count = 0
         job = record.job
         if job is not None and not job.started:
             # Not handed out yet: it never reaches the card.
@@ -341,6 +348,9 @@ class CcidReader:
             record.abort_seq = record.bulk_abort_seq = record.deferred_abort_seq = None
             record.power_down()
             record.changed = record.card is not None
+            record.announced = False
+            record.renotify_at = None
+            record.renotify_count = 0
 
     def control(self, setup: SetupPacket, data: bytes) -> bytes:
         """CCID class requests (CCID Rev 1.1 §5.3); anything else stalls.
@@ -424,6 +434,7 @@ class CcidReader:
 
     def next_job(self, now: float) -> Job | None:
         """The next card operation to run; ``now`` is when it starts."""
+        self._arm_renotify(now)  # the driver calls this after every event
         if not self._jobs:
             return None
         job = self._jobs.popleft()
@@ -437,12 +448,15 @@ class CcidReader:
 
     def get_timer(self) -> float | None:
         deadlines = [s.next_extension for s in self._slots if s.next_extension is not None]
+        deadlines += [s.renotify_at for s in self._slots if s.renotify_at is not None]
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
         """Queue a time extension (CCID Rev 1.1 §6.2.6, bmCommandStatus 2) for every
         transmit that is due one. At most one is waiting per slot at any time, so every
-        bulk-IN completion carries at most one, and never with the final reply."""
+        bulk-IN completion carries at most one, and never with the final reply. Also
+        repeats the unanswered slot notifications of a multi-slot reader (_renotify)."""
+        self._renotify(now)
         interval = self.config.time_extension_interval
         for record in self._slots:
             due = record.next_extension
@@ -521,6 +535,19 @@ class CcidReader:
         return chunk
 
     def _poll_interrupt_in(self, max_length: int) -> bytes | None:
+        """RDR_to_PC_NotifySlotChange (§6.3.1) for the slots that changed, if any.
+
+        A multi-slot reader also notes which slots it announced: libccid 1.5.2 keeps one
+        interrupt URB per multi-slot reader (ccid_usb.c Multi_PollingProc) and passes each
+        notification to the slots' pcscd threads with a pthread_cond_broadcast
+        (Multi_InterruptRead); a slot thread that is not waiting at that moment -- busy with
+        its own GetSlotStatus, a power-off at the end of pcscd's grace period, a command
+        of the other slot -- misses it, and pcscd sees the change only at the thread's
+        next timeout (5 s, or 10 minutes for an unpowered card). A real card is not
+        moved twice within milliseconds, a virtual one is. So such a slot is notified
+        again (:meth:`_renotify`) until the host sends it a PC_to_RDR_GetSlotStatus, which
+        is what pcscd's slot thread does first when it wakes up.
+        """
         if not any(record.changed for record in self._slots):
             return None  # nothing changed since the last report: keep the URB parked
         message = build_notify_slot_change(
@@ -530,8 +557,30 @@ class CcidReader:
         if len(message) > max_length:
             return None
         for record in self._slots:
+            if record.changed and len(self._slots) > 1:
+                record.announced = True
+                record.renotify_at = None  # armed by the next _arm_renotify(now)
             record.changed = False
         return message
+
+    def _arm_renotify(self, now: float) -> None:
+        for record in self._slots:
+            if record.announced and record.renotify_at is None and not record.changed:
+                delay = self.config.renotify_interval * 2**record.renotify_count
+                record.renotify_at = now + min(delay, self.config.renotify_max_interval)
+
+    def _renotify(self, now: float) -> None:
+        """Notify again the announced slots whose status the host has not asked for."""
+        self._arm_renotify(now)
+        for record in self._slots:
+            if record.renotify_at is None or now < record.renotify_at:
+                continue
+            record.renotify_at = None
+            if record.renotify_count >= self.config.renotify_limit:
+                record.announced = False  # nobody is listening: give up
+                continue
+            record.renotify_count += 1
+            record.changed = True
 
     # ---------------------------------------------------------------- commands
 
@@ -545,6 +594,10 @@ class CcidReader:
             # PC_to_RDR_Abort.
             return None
         command = parse_command(message)
+        if isinstance(command, GetSlotStatus):
+            # The host has looked at this slot since its last notification.
+            record.announced = False
+            record.renotify_at = None
         if isinstance(command, Abort):
             return self._bulk_abort(record, command.seq)
         step = rule(record.state, _INPUT_OF[type(command)], busy=record.busy)
