@@ -20,7 +20,6 @@ PIN state) across restarts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hashlib
 import logging
@@ -378,30 +377,6 @@ class _CountingCard:
         return self.card.transmit(command)
 
 
-class _AllowListServer(UsbipServer):
-    """A :class:`UsbipServer` that closes connections from outside the allow-list."""
-
-    def __init__(
-        self, exporter: Exporter, allowed: Callable[[str], bool], counters: dict[str, int]
-    ) -> None:
-        super().__init__(exporter)
-        self._allowed = allowed
-        self._counters = counters
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        host = str(peer[0]) if peer else ""
-        if not self._allowed(host):
-            self._counters["refused"] = self._counters.get("refused", 0) + 1
-            log.warning("refused USB/IP connection from %s (not in the allow-list)", host)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-            return
-        self._counters["connections"] = self._counters.get("connections", 0) + 1
-        await super()._accept(reader, writer)
-
-
 # --------------------------------------------------------------------------- the app
 
 
@@ -441,12 +416,11 @@ class App:
         self.state_dir: Path = config.state_dir
         self._reader_factory = reader_factory
         self._now = now
-        self.counters: dict[str, int] = {}
         self.started = time.monotonic()
         self.address: tuple[str, int] | None = None
         self._pcap: UsbPcapWriter | None = None
         self._pcap_file: IO[bytes] | None = None
-        self._server: _AllowListServer | None = None
+        self._server: UsbipServer | None = None
         self._control: ControlServer | None = None
         _ensure_dir(self.state_dir)
         self.readers = self._build()
@@ -540,7 +514,7 @@ class App:
             socket_path(self.state_dir, os.environ.get("RUNTIME_DIRECTORY")), self
         )
         await control.start()
-        server = _AllowListServer(self.exporter, self.config.server.is_allowed, self.counters)
+        server = UsbipServer(self.exporter, allow=self.config.server.is_allowed)
         host, port = self.config.server.host, self.config.server.port
         try:
             self.address = await server.start(host, port)
@@ -612,8 +586,14 @@ class App:
             pid=os.getpid(),
             uptime=time.monotonic() - self.started,
             readers=tuple(readers),
-            counters=dict(self.counters),
+            counters=self._server_counters(),
         )
+
+    def _server_counters(self) -> dict[str, int]:
+        server = self._server
+        if server is None:
+            return {"connections": 0, "refused": 0}
+        return {"connections": server.accepted, "refused": server.refused}
 
     def insert(self, reader: str, slot: int) -> None:
         r = self._find(reader)

@@ -168,8 +168,13 @@ class _Peer:
 class UsbipServer:
     """A USB/IP TCP server for ``exporter`` on one event loop."""
 
-    def __init__(self, exporter: Exporter) -> None:
+    def __init__(self, exporter: Exporter, *, allow: Callable[[str], bool] | None = None) -> None:
+        """``allow(host)`` decides whether a client address may connect at all (USB/IP has
+        no authentication: an allow-list is the only gate); None allows everyone."""
         self.exporter = exporter
+        self.allow = allow
+        self.accepted = 0  # connections taken
+        self.refused = 0  # connections closed at once by ``allow``
         self.peers: set[_Peer] = set()
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -182,6 +187,16 @@ class UsbipServer:
         return address[0], address[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        address = writer.get_extra_info("peername")
+        host = str(address[0]) if address else ""
+        if self.allow is not None and not self.allow(host):
+            self.refused += 1
+            log.warning("refused USB/IP connection from %s (not in the allow-list)", host)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            return
+        self.accepted += 1
         peer = _Peer(self, reader, writer)
         self.peers.add(peer)
         task = asyncio.current_task()
