@@ -43,6 +43,7 @@ from construct import (
 )
 
 from usbccid.ccid.errors import CcidError, CommandStatus, IccStatus, SlotError
+from usbccid.compiled import compiled, parse_fast
 
 HEADER_SIZE = 10
 
@@ -129,7 +130,13 @@ PC_TO_RDR = Struct(
     "bSlot" / Int8ul,
     "bSeq" / Int8ul,
     # An unknown bMessageType keeps its three bytes raw: it is still answered (§6.2.6).
-    "specific" / Switch(this.bMessageType, _PC_TO_RDR_SPECIFIC, default=Bytes(3)),
+    # (plain int keys: construct's compiler writes the keys out as Python literals)
+    "specific"
+    / Switch(
+        this.bMessageType,
+        {int(kind): specific for kind, specific in _PC_TO_RDR_SPECIFIC.items()},
+        default=Bytes(3),
+    ),
     "abData" / Bytes(this.dwLength),
     Terminated,
 )
@@ -244,13 +251,29 @@ CLASS_DESCRIPTOR_TYPE = 0x21
 CLASS_DESCRIPTOR_LENGTH = 54
 
 
-def _parse(struct: Construct[Any, Any], data: bytes, what: str) -> Container[Any]:
-    """The one place where construct errors become CCID errors."""
+def _parse(
+    struct: Construct[Any, Any], data: bytes, what: str, length: int | None = None
+) -> Container[Any]:
+    """The one place where construct errors become CCID errors.
+
+    ``length``: the whole message's length by its own dwLength, for the variable-size
+    messages, so that the fast compiled form can take it (usbccid.compiled).
+    """
+    fast = parse_fast(struct, data, length)
+    if fast is not None:
+        return fast
     try:
         parsed: Container[Any] = struct.parse(data)
     except ConstructError as exc:
         raise CcidError(SlotError.BAD_LENGTH, f"malformed {what}: {exc}") from exc
     return parsed
+
+
+def _message_length(data: bytes) -> int | None:
+    """10 + dwLength (CCID Rev 1.1 §6.1, §6.2: bytes 1..4, little-endian), if present."""
+    if len(data) < HEADER_SIZE:
+        return None
+    return HEADER_SIZE + int.from_bytes(data[1:5], "little")
 
 
 # --------------------------------------------------------------------------------------
@@ -424,7 +447,8 @@ def parse_command(data: bytes) -> Command:
         CcidError: BAD_LENGTH when the bytes do not form the message its header announces,
             or a message without abData carries some.
     """
-    return _command_from(_parse(PC_TO_RDR, bytes(data), "PC_to_RDR message"))
+    data = bytes(data)
+    return _command_from(_parse(PC_TO_RDR, data, "PC_to_RDR message", _message_length(data)))
 
 
 def _specific(command: Command) -> tuple[int, dict[str, int] | bytes, bytes]:
@@ -554,7 +578,7 @@ def build_reply(reply: Reply) -> bytes:
     """The bytes of an RDR_to_PC bulk message."""
     message_type, specific, data = _reply_fields(reply)
     return bytes(
-        RDR_TO_PC.build(
+        compiled(RDR_TO_PC).build(
             {
                 "bMessageType": message_type,
                 "bSlot": reply.slot,
@@ -577,7 +601,8 @@ def parse_reply(data: bytes) -> Reply:
     Raises:
         CcidError: the bytes are not exactly one well-formed RDR_to_PC bulk message.
     """
-    c = _parse(RDR_TO_PC, bytes(data), "RDR_to_PC message")
+    data = bytes(data)
+    c = _parse(RDR_TO_PC, data, "RDR_to_PC message", _message_length(data))
     try:
         icc = IccStatus(c.bStatus.bmICCStatus)
         status = CommandStatus(c.bStatus.bmCommandStatus)

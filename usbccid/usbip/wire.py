@@ -41,6 +41,7 @@ from construct import (
     this,
 )
 
+from usbccid.compiled import compiled, parse_fast
 from usbccid.usbip.errors import UsbipLocalError, UsbipRemoteError
 from usbccid.usbip.function import SetupPacket
 
@@ -123,6 +124,7 @@ _OP_COMMON = Struct(
     "status" / Int32ub,
 )
 OP_COMMON_SIZE = 8
+_OP_COMMON_ALONE = Struct("h" / _OP_COMMON, Terminated)
 
 # usbip_usb_device: 312 bytes (usbip_protocol.rst OP_REP_DEVLIST offsets 0x0C..0x143).
 _USB_DEVICE = Struct(
@@ -186,6 +188,7 @@ _SETUP_PACKET = Struct(
     "wLength" / Int16ul,
 )
 SETUP_PACKET_SIZE = 8
+_SETUP_PACKET_ALONE = Struct("s" / _SETUP_PACKET, Terminated)
 
 # usbip_header: 20-byte usbip_header_basic + 28 command-specific bytes = 48 bytes.
 _HEADER_BASIC = Struct(
@@ -196,6 +199,7 @@ _HEADER_BASIC = Struct(
     "ep" / Int32ub,
 )
 URB_HEADER_SIZE = 48
+HEADER_BASIC_SIZE = 20
 
 _CMD_SUBMIT_HEADER = Struct(
     "basic" / _HEADER_BASIC,
@@ -520,6 +524,9 @@ Descriptor: TypeAlias = (
 
 def _parse(struct: Construct[Any, Any], data: bytes, what: str) -> Container[Any]:
     """Parse peer bytes; the one place where construct errors become UsbipRemoteError."""
+    fast = parse_fast(struct, data)  # well-formed fixed-size headers, the common case
+    if fast is not None:
+        return fast
     try:
         result: Container[Any] = struct.parse(data)
     except ConstructError as e:
@@ -529,6 +536,10 @@ def _parse(struct: Construct[Any, Any], data: bytes, what: str) -> Container[Any
 
 def _build(struct: Construct[Any, Any], obj: dict[str, Any], what: str) -> bytes:
     """Build our own bytes; a failure is our bug (UsbipLocalError)."""
+    try:
+        return bytes(compiled(struct).build(obj))
+    except Exception:  # noqa: S110 - any failure: the declaration itself decides, below
+        pass
     try:
         result: bytes = struct.build(obj)
     except (ConstructError, ValueError, TypeError, UnicodeError) as e:
@@ -690,7 +701,7 @@ def parse_op_header(data: bytes) -> OpHeader:
     Raises:
         UsbipRemoteError: wrong version (not 0x0111) or not exactly 8 bytes.
     """
-    c = _parse(Struct("h" / _OP_COMMON, Terminated), data, "op_common header")
+    c = _parse(_OP_COMMON_ALONE, data, "op_common header")
     return OpHeader(code=c.h.code, status=c.h.status)
 
 
@@ -743,7 +754,7 @@ def _expect_code(c: Container[Any], code: OpCode) -> None:
 
 def parse_setup(data: bytes) -> SetupPacket:
     """The 8-byte little-endian SETUP packet (USB 2.0 §9.3)."""
-    c = _parse(Struct("s" / _SETUP_PACKET, Terminated), data, "setup packet")
+    c = _parse(_SETUP_PACKET_ALONE, data, "setup packet")
     return _setup_from(c.s)
 
 
@@ -763,12 +774,12 @@ def parse_urb_header(data: bytes) -> UrbHeader:
     """
     if len(data) != URB_HEADER_SIZE:
         raise UsbipRemoteError(f"URB header must be {URB_HEADER_SIZE} bytes, got {len(data)}")
-    basic = _parse(_HEADER_BASIC, data, "usbip_header_basic")
+    basic = _parse(_HEADER_BASIC, data[:HEADER_BASIC_SIZE], "usbip_header_basic")
     try:
         command = UrbCommand(basic.command)
     except ValueError:
         raise UsbipRemoteError(f"unknown USB/IP command {basic.command:#x}") from None
-    c = _parse(Struct("h" / _URB_HEADERS[command], Terminated), data, command.name).h
+    c = _parse(_URB_HEADERS[command], data, command.name)  # exactly 48 bytes, checked above
     b = c.basic
     if command is UrbCommand.RET_SUBMIT:
         return UrbHeader(
