@@ -586,6 +586,8 @@ class CcidReader:
 
     def _command(self, message: bytes) -> Reply | None:
         header = parse_header(message)
+        if header.message_type != PcToRdr.ABORT:
+            self._drop_unread_replies(header.slot)
         if header.slot >= len(self._slots):
             raise CcidError(SlotError.BAD_SLOT, icc_status=IccStatus.ABSENT)
         record = self._slots[header.slot]
@@ -819,6 +821,23 @@ class CcidReader:
             self._send(SlotStatus(record.index, seq, record.icc_status))
 
     # ---------------------------------------------------------------- helpers
+
+    def _drop_unread_replies(self, slot: int) -> None:
+        """A new command to ``slot`` overwrites the slot's replies the host never read.
+
+        A reader has one response buffer per slot: the host reads a command's response
+        before it sends the next command to that slot (CCID Rev 1.1 §5.2.1, §6.2), except
+        for the Abort pairing (§5.3.1), which keeps the aborted command's reply. A host
+        that gave up waiting (libccid unlinks its read after a timeout and skips replies
+        with a stale bSeq, ccid_usb.c ReadUSB) loses nothing by this, and a host that
+        never reads cannot make the reader hold more than one reply per slot. A reply
+        the host has started to read is completed.
+        """
+        self._out = deque(
+            o
+            for index, o in enumerate(self._out)
+            if o.slot != slot or (index == 0 and self._out_offset)
+        )
 
     def _drop_unread_time_extensions(self, slot: int) -> None:
         """A time extension the host has not started to read is moot once the reply is
