@@ -823,21 +823,23 @@ class CcidReader:
     # ---------------------------------------------------------------- helpers
 
     def _drop_unread_replies(self, slot: int) -> None:
-        """A new command to ``slot`` overwrites the slot's replies the host never read.
+        """Before a new command to ``slot``: keep at most one reply of the slot unread.
 
-        A reader has one response buffer per slot: the host reads a command's response
-        before it sends the next command to that slot (CCID Rev 1.1 §5.2.1, §6.2), except
-        for the Abort pairing (§5.3.1), which keeps the aborted command's reply. A host
-        that gave up waiting (libccid unlinks its read after a timeout and skips replies
-        with a stale bSeq, ccid_usb.c ReadUSB) loses nothing by this, and a host that
-        never reads cannot make the reader hold more than one reply per slot. A reply
-        the host has started to read is completed.
+        The host reads a command's response before it sends the next command to that slot
+        (CCID Rev 1.1 §5.2.1, §6.2), so in a conversation that works there is never more
+        than one unread reply per slot: the newest is kept, for a host whose read is still
+        on its way (libccid skips a reply with a stale bSeq, ccid_usb.c ReadUSB). Older
+        ones were given up on, and dropping them is what bounds the queue of a host that
+        sends commands and never reads. A reply the host has started to read is completed.
         """
-        self._out = deque(
-            o
+        unread = [
+            index
             for index, o in enumerate(self._out)
-            if o.slot != slot or (index == 0 and self._out_offset)
-        )
+            if o.slot == slot and not (index == 0 and self._out_offset)
+        ]
+        stale = set(unread[:-1])
+        if stale:
+            self._out = deque(o for index, o in enumerate(self._out) if index not in stale)
 
     def _drop_unread_time_extensions(self, slot: int) -> None:
         """A time extension the host has not started to read is moot once the reply is
