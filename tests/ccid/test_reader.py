@@ -516,8 +516,8 @@ def test_64k_bulk_read_gets_one_whole_message_only() -> None:
 
 
 def test_a_host_that_never_reads_cannot_grow_the_queue() -> None:
-    # A new command to a slot keeps only the newest of the slot's unread replies (CCID Rev
-    # 1.1 §5.2.1: one command at a time per slot): at most two replies per slot are queued.
+    # A working host leaves at most about one full-size reply per slot unread (CCID Rev
+    # 1.1 §5.2.1); past one more than that, the oldest unread replies are dropped.
     reader, _ = powered()
     for seq in range(1, 50):
         send(reader, XfrBlock(0, seq, length_apdu(60000)))
@@ -525,7 +525,19 @@ def test_a_host_that_never_reads_cannot_grow_the_queue() -> None:
     seqs = []
     while (reply := reader.poll_in(BULK_IN, LIBCCID_READ)) is not None:
         seqs.append(parse_reply(reply).seq)
-    assert seqs == [48, 49]
+    assert seqs == [47, 48, 49]
+
+
+def test_unread_replies_within_the_bound_are_all_kept() -> None:
+    reader, _ = powered()
+    send(reader, XfrBlock(0, 1, length_apdu(60000)))
+    drive(reader)
+    for seq in range(2, 6):  # small replies: far below the bound, nothing is dropped
+        send(reader, GetSlotStatus(0, seq))
+    seqs = []
+    while (reply := reader.poll_in(BULK_IN, LIBCCID_READ)) is not None:
+        seqs.append(parse_reply(reply).seq)
+    assert seqs == [1, 2, 3, 4, 5]
 
 
 # ------------------------------------------------------------------- interrupt IN

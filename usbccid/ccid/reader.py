@@ -22,6 +22,7 @@ FAILED and its bError. That is the only place the conversion happens.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -586,8 +587,7 @@ class CcidReader:
 
     def _command(self, message: bytes) -> Reply | None:
         header = parse_header(message)
-        if header.message_type != PcToRdr.ABORT:
-            self._drop_unread_replies(header.slot)
+        self._bound_unread_replies()
         if header.slot >= len(self._slots):
             raise CcidError(SlotError.BAD_SLOT, icc_status=IccStatus.ABSENT)
         record = self._slots[header.slot]
@@ -822,24 +822,24 @@ class CcidReader:
 
     # ---------------------------------------------------------------- helpers
 
-    def _drop_unread_replies(self, slot: int) -> None:
-        """Before a new command to ``slot``: keep at most one reply of the slot unread.
+    def _bound_unread_replies(self) -> None:
+        """Before a new command: drop the oldest unread replies past a bound.
 
-        The host reads a command's response before it sends the next command to that slot
-        (CCID Rev 1.1 §5.2.1, §6.2), so in a conversation that works there is never more
-        than one unread reply per slot: the newest is kept, for a host whose read is still
-        on its way (libccid skips a reply with a stale bSeq, ccid_usb.c ReadUSB). Older
-        ones were given up on, and dropping them is what bounds the queue of a host that
-        sends commands and never reads. A reply the host has started to read is completed.
+        The host reads each command's response before it sends the next command to that
+        slot (CCID Rev 1.1 §5.2.1, §6.2), so a working host never leaves more than about
+        one full-size reply per slot unread. The bound, one full-size message more than
+        that, is never reached by such a host; a host that sends commands and never
+        reads meets it, and the replies it gave up on go first (libccid would skip them
+        anyway: it discards replies with a stale bSeq, ccid_usb.c ReadUSB). A reply the
+        host has started to read is completed.
         """
-        unread = [
-            index
-            for index, o in enumerate(self._out)
-            if o.slot == slot and not (index == 0 and self._out_offset)
-        ]
-        stale = set(unread[:-1])
-        if stale:
-            self._out = deque(o for index, o in enumerate(self._out) if index not in stale)
+        limit = (len(self._slots) + 1) * self.config.max_message_length
+        first_unread = 1 if self._out_offset else 0
+        unread = sum(len(o.data) for o in itertools.islice(self._out, first_unread, None))
+        while unread > limit and len(self._out) > first_unread:
+            dropped = self._out[first_unread]
+            del self._out[first_unread]
+            unread -= len(dropped.data)
 
     def _drop_unread_time_extensions(self, slot: int) -> None:
         """A time extension the host has not started to read is moot once the reply is
