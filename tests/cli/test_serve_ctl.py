@@ -334,11 +334,7 @@ def test_runtime_directory_holds_the_socket(tmp_path: Path, state: Path) -> None
 
 
 def test_example_systemd_unit_verifies(tmp_path: Path) -> None:
-    import shutil as sh
-
-    analyze = sh.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = require_tool("systemd-analyze")
     root = Path(__file__).resolve().parents[2]
     text = (
         (root / "examples" / "usbccid.service")
