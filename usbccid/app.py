@@ -304,7 +304,6 @@ class _CapturedDevice(VirtualDevice):
 
     capture: UsbipCapture | None = None
     clock: Callable[[], float] = time.time
-    _in_submit: bool = False
 
     def submit(self, cmd: wire.CmdSubmit) -> list[wire.RetSubmit]:
         capture = self.capture
@@ -321,18 +320,14 @@ class _CapturedDevice(VirtualDevice):
             cmd.interval,
             self.clock(),
         )
-        self._in_submit = True
-        try:
-            replies = super().submit(cmd)
-        finally:
-            self._in_submit = False
+        replies = super().submit(cmd)
         self._record(replies)
         return replies
 
     def poll(self) -> list[wire.RetSubmit]:
+        # submit() completes parked URBs without calling poll(): no reply is recorded twice
         replies = super().poll()
-        if not self._in_submit:
-            self._record(replies)
+        self._record(replies)
         return replies
 
     def unlink(self, cmd: wire.CmdUnlink) -> wire.RetUnlink:

@@ -325,7 +325,7 @@ class VirtualDevice:
                 state.parked.append(_ParkedUrb(cmd.seqnum, cmd.transfer_buffer_length))
             else:
                 replies.append(self._out(cmd, address))
-        replies.extend(self.poll())
+        replies.extend(self._complete_parked())
         return replies
 
     def _out(self, cmd: wire.CmdSubmit, address: int) -> wire.RetSubmit:
@@ -344,6 +344,9 @@ class VirtualDevice:
         Raises:
             UsbipLocalError: ``poll_in`` returned more than the URB's length.
         """
+        return self._complete_parked()
+
+    def _complete_parked(self) -> list[wire.RetSubmit]:
         replies, self._failed = self._failed, []
         for address in sorted(self._endpoints):
             state = self._endpoints[address]
