@@ -10,8 +10,9 @@ card-alone rate (1.00 = no overhead at all):
   it: PC_to_RDR_XfrBlock written with ``bulk_out``, the card work run with the testcard's
   inline driver (``usbccid.ccid.testcard.run_jobs_inline``), RDR_to_PC_DataBlock read
   with ``poll_in``; no I/O and no threads;
-* ``usbip``: the same reader exported by ``usbccid.server.ServerThread`` on 127.0.0.1 and
-  imported by pyusb over ``usbccid.pyusb_backend``: every APDU is one bulk-OUT URB and one
+* ``usbip``: the same reader exported by
+  ``usbccid.frontends.usbip.server.ServerThread`` on 127.0.0.1 and
+  imported by pyusb over ``usbccid.host.pyusb_backend``: every APDU is one bulk-OUT URB and one
   bulk-IN URB over TCP. Client and server share this interpreter (and its GIL), so this
   level is a floor for what a kernel host (vhci-hcd + libccid) sees, not a ceiling.
 
@@ -204,8 +205,8 @@ def main() -> None:
 
     server = None
     if not args.no_usbip:
-        from usbccid.pyusb_backend import find
-        from usbccid.server import ServerThread
+        from usbccid.frontends.usbip.server import ServerThread
+        from usbccid.host.pyusb_backend import find
         from usbccid.usbip.device import VirtualDevice
         from usbccid.usbip.exporter import Exporter
 

@@ -2,11 +2,12 @@
 
     .venv/bin/python scripts/bench_urb.py [--seconds 2]
 
-The server (usbccid.server.ServerThread, exporting the loopback device: bulk OUT 0x01
+The server (usbccid.frontends.usbip.server.ServerThread, exporting the loopback device:
+bulk OUT 0x01
 echoes to bulk IN 0x82) runs on a thread of this process. Each operation is timed through
 several clients, one at a time, each with its own import:
 
-* ``pyusb``: pyusb's ordinary API over usbccid.pyusb_backend;
+* ``pyusb``: pyusb's ordinary API over usbccid.host.pyusb_backend;
 * ``host``: usbccid.host.session.Session, the same client without pyusb on top;
 * ``bare``: a bare blocking socket loop written below with struct (no threads, no
   parsing beyond the 48-byte header): the floor a Python client can reach here;
@@ -30,9 +31,9 @@ from typing import Any
 import usb.core
 import usb.util
 
+from usbccid.frontends.usbip.server import ServerThread
+from usbccid.host.pyusb_backend import UsbipBackend
 from usbccid.host.session import Session
-from usbccid.pyusb_backend import UsbipBackend
-from usbccid.server import ServerThread
 from usbccid.usbip.device import VirtualDevice
 from usbccid.usbip.exporter import Exporter
 from usbccid.usbip.loopback import LOOPBACK_IDENTITY, LoopbackFunction
@@ -246,7 +247,7 @@ def main() -> None:
     names = list(best)
     print(
         f"USB/IP round trips per second over loopback TCP: best of {args.repeat} x "
-        f"{args.seconds:g} s (server: usbccid.server.ServerThread in this process)"
+        f"{args.seconds:g} s (server: usbccid.frontends.usbip.server.ServerThread in this process)"
     )
     header = f"{'operation':36}" + "".join(f"{n:>10}" for n in names)
     header += "".join(f"{n + '/bare':>12}" for n in names if n != "bare")

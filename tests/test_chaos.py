@@ -43,8 +43,8 @@ from usbccid.ccid.wire import (
     build_command,
     parse_reply,
 )
+from usbccid.frontends.usbip.server import ServerThread
 from usbccid.host.session import Session
-from usbccid.server import ServerThread
 from usbccid.usbip import wire
 from usbccid.usbip.device import MAX_PARKED_URBS, VirtualDevice
 from usbccid.usbip.exporter import Exporter

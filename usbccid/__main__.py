@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from usbccid.cli import main
+from usbccid.tool.cli import main
 
 sys.exit(main())

@@ -20,7 +20,7 @@ Without pytest::
 
 The server listens on a free port of 127.0.0.1 and serves one reader holding the default
 test card (PIN ``server.pin``), from a state directory of its own. Pass a
-:class:`usbccid.config.Config` for anything else. Generating a card takes a second or two,
+:class:`usbccid.tool.config.Config` for anything else. Generating a card takes a second or two,
 so the fixture generates the default card once per session and copies it.
 """
 
@@ -37,10 +37,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from usbccid import config as cfg
+from usbccid.tool import config as cfg
 
 if TYPE_CHECKING:
-    from usbccid.app import App
+    from usbccid.tool.app import App
 
 # Loaded by pytest for every test run (the pytest11 entry point): keep the imports at the
 # top light, so that nothing heavy (or broken) is imported until a fixture is used.
@@ -72,7 +72,9 @@ class UsbccidServer:
         """The PIN of the card in the first reader's first slot."""
         card = self.app.readers[0].slots[0].card
         assert card is not None, "the first slot is configured empty"
-        return card.current_pin
+        pin = card.current_pin
+        assert pin is not None, "the first slot's card has no PIN of ours to tell"
+        return pin
 
     @property
     def control_socket(self) -> Path:
@@ -97,9 +99,9 @@ class UsbccidServer:
 
     def device(self, bus_id: str | None = None) -> Any:
         """A ``usb.core.Device`` for the reader at ``bus_id`` (default: the first),
-        imported over USB/IP by :mod:`usbccid.pyusb_backend`; released when the server
+        imported over USB/IP by :mod:`usbccid.host.pyusb_backend`; released when the server
         stops (or with ``usb.util.dispose_resources(dev); dev.backend.close()``)."""
-        from usbccid.pyusb_backend import find
+        from usbccid.host.pyusb_backend import find
 
         dev = find(self.host, self.port, bus_id or self.bus_id)
         if dev is None:
@@ -150,7 +152,7 @@ def usbccid_server(
         started: Future[UsbccidServer] = Future()
         stop: list[Callable[[], object]] = []
 
-        from usbccid.app import App
+        from usbccid.tool.app import App
 
         async def main() -> None:
             loop = asyncio.get_running_loop()
@@ -196,7 +198,7 @@ def make_template(directory: Path) -> Path:
     """A state directory holding the default card, to copy into each test's."""
     from datetime import UTC, datetime
 
-    from usbccid.state import load_or_create_default_card
+    from usbccid.cards.store import load_or_create_default_card
 
     load_or_create_default_card(directory, datetime.now(UTC))
     return directory
@@ -221,7 +223,7 @@ else:
     ) -> Iterator[UsbccidServer]:
         """A usbccid server in this process: ``.host``, ``.port``, ``.bus_id``, ``.pin``,
         ``.device()`` (pyusb), ``.insert()``, ``.remove()``."""
-        from usbccid.app import AppError
+        from usbccid.tool.app import AppError
 
         state = tmp_path_factory.mktemp("usbccid-state")
         try:

@@ -38,12 +38,8 @@ from usbccid.cac.apdu import CommandApdu
 from usbccid.cac.card import CacCard
 from usbccid.cac.errors import ApduFormatError
 from usbccid.cac.profile import CardProfile, MemoryPinStateStore
-from usbccid.cac.provision import (
-    DEFAULT_PIN,
-    DEFAULT_UNBLOCK_CODE,
-    default_card_spec,
-    generate_card,
-)
+from usbccid.cards.generate import default_card_spec, generate_card
+from usbccid.cards.provision import DEFAULT_PIN, DEFAULT_UNBLOCK_CODE
 
 KEY_BITS = 1024
 CARD_ID = bytes.fromhex("F0 22 00 11 22 33 44 55 66 77 88 99 AA BB CC DD")

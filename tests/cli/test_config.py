@@ -8,17 +8,15 @@ from pathlib import Path
 import pytest
 
 from tests.cli.helpers import assert_one_line_error, make_cert_and_key, run
-from usbccid.config import (
+from usbccid.cards.cac import CardConfig, CertKeyFiles, Pkcs12File
+from usbccid.tool.config import (
     LOOPBACK_NETWORKS,
-    CertKeyFiles,
     Config,
-    ConfigError,
-    KeyLocator,
-    Pkcs12File,
     address_allowed,
     load_config,
     parse_config,
 )
+from usbccid.tool.schema import ConfigError, KeyLocator
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,10 +86,10 @@ def test_full_configuration(pki: Path) -> None:
     assert config.trace
     desk, other = config.readers
     assert desk.identity.preset == "qemu"
-    assert desk.slots[0].card is not None
+    assert isinstance(desk.slots[0].card, CardConfig)
     assert desk.slots[0].card.stored == "default"
     card = desk.slots[1].card
-    assert card is not None
+    assert isinstance(card, CardConfig)
     assert card.stored is None
     assert not desk.slots[1].inserted
     c0, c1 = card.containers
@@ -116,7 +114,7 @@ def test_empty_file_is_the_default() -> None:
     assert config.server.port == 3240
     assert config.server.allow == LOOPBACK_NETWORKS
     assert [r.name for r in config.readers] == ["reader0"]
-    assert config.readers[0].slots[0].card is not None
+    assert isinstance(config.readers[0].slots[0].card, CardConfig)
     assert config.readers[0].slots[0].card.stored == "default"
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from usbccid.control import (
+from usbccid.tool.control import (
     ControlError,
     ReaderStatus,
     ServerStatus,
@@ -24,7 +24,7 @@ from usbccid.control import (
     parse_target,
     status_from_json,
 )
-from usbccid.control_server import ControlServer, ControlSocketError, probe, request
+from usbccid.tool.control_server import ControlServer, ControlSocketError, probe, request
 
 
 class FakeState:

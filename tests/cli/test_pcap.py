@@ -8,11 +8,11 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import require_tool
-from usbccid.app import _CapturedDevice
 from usbccid.ccid.descriptor import ReaderConfig, interface_spec
 from usbccid.jobs import Job
-from usbccid.pcap import (
+from usbccid.tool.pcap import (
     LINKTYPE_USB_LINUX_MMAPPED,
+    CapturedDevice,
     UrbKey,
     UsbipCapture,
     UsbPcapWriter,
@@ -68,7 +68,7 @@ def ccid(msg_type: int, seq: int, payload: bytes = b"") -> bytes:
 def capture(path: Path) -> None:
     devid = 0x00010001
     identity = DeviceIdentity(0x0E0F, 0x0004, 0x0100, "usbccid", "test reader", "T1")
-    device = _CapturedDevice(identity, FakeCcid())
+    device = CapturedDevice(identity, FakeCcid())
     with path.open("wb") as f:
         writer = UsbPcapWriter(f)
         types = {ep.address: int(ep.transfer_type) for ep in device.function.interface.endpoints}

@@ -39,7 +39,7 @@ def ccid(msg_type: int, seq: int, payload: bytes = b"") -> bytes:
 
 def exchange(host: str, port: int, apdus: list[bytes], busid: str = "1-1") -> list[bytes]:
     """Power the card on and send ``apdus`` over USB/IP (pyusb backend); the responses."""
-    from usbccid.pyusb_backend import attach
+    from usbccid.host.pyusb_backend import attach
 
     out = []
     with attach(host, port, busid) as dev:
@@ -106,7 +106,7 @@ def test_ctl_status_insert_remove(state: Path) -> None:
         assert "slot 0: present" in result.stdout
         assert "not imported" in result.stdout
 
-        from usbccid.pyusb_backend import attach
+        from usbccid.host.pyusb_backend import attach
 
         with attach(server.host, server.port, "1-1") as dev:
             dev.set_configuration()
@@ -212,8 +212,8 @@ def test_trace_redacts_pins(state: Path) -> None:
         server.process.terminate()
         assert server.process.stderr is not None
         err = server.process.stderr.read()
-    assert "usbccid.trace: reader0/0 > 00 a4 04 00 07 a0 00 00 00 79 01 00 00" in err
-    assert "usbccid.trace: reader0/0 > 00 20 00 00 08 [8 bytes redacted]" in err
+    assert "usbccid.tool.trace: reader0/0 > 00 a4 04 00 07 a0 00 00 00 79 01 00 00" in err
+    assert "usbccid.tool.trace: reader0/0 > 00 20 00 00 08 [8 bytes redacted]" in err
     assert "31 32 33 34" not in err
 
 

@@ -48,8 +48,8 @@ def test_context_manager_without_pytest_fixtures(
 def test_context_manager_reports_startup_errors(
     tmp_path: Path, usbccid_state_template: Path
 ) -> None:
-    from usbccid import config as cfg
-    from usbccid.app import AppError
+    from usbccid.tool import config as cfg
+    from usbccid.tool.app import AppError
 
     bad = cfg.Config(
         readers=(cfg.ReaderConfig(name="r", bus_id="1-7"),), server=cfg.ServerConfig(port=0)

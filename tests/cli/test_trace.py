@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from usbccid.trace import Redactor, TracingCard
+from usbccid.tool.trace import Redactor, TracingCard
 
 PIN = bytes.fromhex("3132333435363738")  # "12345678"
 
@@ -66,7 +66,7 @@ def test_tracing_card_logs(caplog: pytest.LogCaptureFixture) -> None:
             return bytes.fromhex("9000")
 
     card = TracingCard(Card(), "desk/0")
-    with caplog.at_level(logging.INFO, logger="usbccid.trace"):
+    with caplog.at_level(logging.INFO, logger="usbccid.tool.trace"):
         assert card.power_on() == bytes.fromhex("3b00")
         card.transmit(bytes.fromhex("00200080") + b"\x08" + PIN)
         card.power_off()

@@ -1,4 +1,4 @@
-"""The real asyncio USB/IP server (usbccid.server.ServerThread) with the loopback device."""
+"""The real asyncio USB/IP server (usbccid.frontends.usbip.server.ServerThread), loopback device."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from usbccid.server import ServerThread
+from usbccid.frontends.usbip.server import ServerThread
 from usbccid.usbip.device import VirtualDevice
 from usbccid.usbip.exporter import Exporter
 from usbccid.usbip.function import InterfaceSpec

@@ -17,8 +17,8 @@ import usb.core
 import usb.util
 import usbip
 
+from usbccid.host.pyusb_backend import UsbipBackend
 from usbccid.host.session import list_devices
-from usbccid.pyusb_backend import UsbipBackend
 
 
 def free_port() -> int:

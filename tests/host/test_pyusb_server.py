@@ -2,7 +2,7 @@
 
 The device is ``usbccid.usbip.loopback`` (bulk OUT 0x01 echoes to bulk IN 0x82, vendor
 request 0x03 queues reversed data on interrupt IN 0x83), exported by
-``usbccid.server.ServerThread``; see ``conftest.py``.
+``usbccid.frontends.usbip.server.ServerThread``; see ``conftest.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import usb.util
 
 from tests.host.conftest import CCID_CLASS_DESCRIPTOR, Served
 from usbccid.host.pdu import ImportRefusedError
+from usbccid.host.pyusb_backend import RemoteDevice, UsbipBackend, attach, find
 from usbccid.host.session import Session, list_devices
-from usbccid.pyusb_backend import RemoteDevice, UsbipBackend, attach, find
 from usbccid.usbip.loopback import LOOPBACK_IDENTITY
 
 VENDOR_OUT = usb.util.CTRL_OUT | usb.util.CTRL_TYPE_VENDOR | usb.util.CTRL_RECIPIENT_INTERFACE

@@ -2,7 +2,8 @@
 
 Two scenarios, each with a server on the host and the guest attaching over USB/IP:
 
-* in-process (:class:`usbccid.server.ServerThread`) with :class:`EchoCard` test cards: a
+* in-process (:class:`usbccid.frontends.usbip.server.ServerThread`) with :class:`EchoCard`
+  test cards: a
   two-slot reader and a one-slot reader attached at once; pcscd lists three slots with
   the cards' ATR; short and extended APDUs (up to 64 KiB responses) go to all of them at
   the same time, and a command that takes longer than libccid's read timeout completes
@@ -41,7 +42,7 @@ from usbccid.cac.card import ATR_VCARD_NSS
 from usbccid.ccid.identity import make_identity
 from usbccid.ccid.reader import CcidReader
 from usbccid.ccid.testcard import DEFAULT_ATR, EchoCard
-from usbccid.server import ServerThread
+from usbccid.frontends.usbip.server import ServerThread
 from usbccid.usbip.device import VirtualDevice
 from usbccid.usbip.exporter import Exporter
 

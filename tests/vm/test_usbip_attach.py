@@ -1,6 +1,7 @@
 """USB/IP foundation, judged by the real Linux client: ``usbip`` + vhci-hcd in the guest.
 
-One scenario: a server on the host (in-process, :class:`usbccid.server.ServerThread`)
+One scenario: a server on the host (in-process,
+:class:`usbccid.frontends.usbip.server.ServerThread`)
 exports two CCID readers holding test cards; the guest lists them, attaches one, reads its
 descriptors back (kernel, lsusb), detaches it, attaches both at once, and finally sees them
 go away when the server stops. The host side checks who it thinks imported what.
@@ -18,7 +19,7 @@ from tests.vm.guest import HOST, Guest
 from usbccid.ccid.identity import make_identity
 from usbccid.ccid.reader import CcidReader
 from usbccid.ccid.testcard import EchoCard
-from usbccid.server import ServerThread
+from usbccid.frontends.usbip.server import ServerThread
 from usbccid.usbip.device import VirtualDevice
 from usbccid.usbip.exporter import DeviceStatus, Exporter
 

@@ -1,7 +1,7 @@
 """What a CAC card is made of: its containers, keys, PIN policy and persistent PIN state.
 
 The card emulation (``usbccid.cac.card``) takes a :class:`CardProfile`; where profiles come
-from (generated default cards, PEM/DER/PKCS#12 files) is ``usbccid.cac.provision``. The
+from (generated default cards, PEM/DER/PKCS#12 files) is ``usbccid.cards.provision``. The
 card never touches the disk itself: it saves its PIN state through an injected
 :class:`PinStateStore`, before it answers the APDU that changed it.
 """

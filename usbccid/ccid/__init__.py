@@ -10,10 +10,11 @@ Typical use::
 
 from __future__ import annotations
 
+from usbccid.ccid.cardjob import CardJob
 from usbccid.ccid.descriptor import ReaderConfig
 from usbccid.ccid.errors import CcidError, CommandStatus, IccStatus, SlotError
 from usbccid.ccid.identity import PRESETS, make_identity
-from usbccid.ccid.reader import CardJob, CcidReader
+from usbccid.ccid.reader import CcidReader
 from usbccid.ccid.slot import SlotState
 
 __all__ = [

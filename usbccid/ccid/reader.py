@@ -21,7 +21,6 @@ FAILED and its bError. That is the only place the conversion happens.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 from collections import deque
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 
 from usbccid.card import Card
 from usbccid.ccid.atr import default_parameters, parse_atr
+from usbccid.ccid.cardjob import OP_MESSAGE, CardJob, CardOp
+from usbccid.ccid.chaining import ApduChain, ResponseBlock
 from usbccid.ccid.descriptor import ReaderConfig, interface_spec
 from usbccid.ccid.errors import CcidError, CommandStatus, IccStatus, SlotError
 from usbccid.ccid.identity import make_identity
@@ -80,18 +81,6 @@ REQUEST_ABORT = 0x01
 REQUEST_GET_CLOCK_FREQUENCIES = 0x02
 REQUEST_GET_DATA_RATES = 0x03
 
-# XfrBlock wLevelParameter at extended APDU level (CCID Rev 1.1 §6.1.4, Table 6.1-4) and
-# DataBlock bChainParameter (§6.2.1).
-CHAIN_BEGIN_AND_END = 0x00
-CHAIN_BEGIN = 0x01
-CHAIN_END = 0x02
-CHAIN_CONTINUE = 0x03
-CHAIN_EMPTY = 0x10  # empty abData: "send me the next block" / "go on with the command"
-
-# The longest command APDU (ISO/IEC 7816-3 §12.1.3 case 4E: 4 + 3 + 65535 + 3) a chained
-# XfrBlock may assemble; libccid's own limit is CMD_BUF_SIZE = 65546 (defs.h).
-MAX_CHAINED_APDU = 4 + 3 + 65535 + 3
-
 _INPUT_OF: dict[type[Command], SlotInput] = {
     IccPowerOn: SlotInput.POWER_ON,
     IccPowerOff: SlotInput.POWER_OFF,
@@ -110,74 +99,6 @@ _INPUT_OF: dict[type[Command], SlotInput] = {
 }
 
 
-class CardOp(enum.Enum):
-    POWER_ON = enum.auto()
-    POWER_OFF = enum.auto()
-    TRANSMIT = enum.auto()
-
-
-_OP_MESSAGE = {
-    CardOp.POWER_ON: PcToRdr.ICC_POWER_ON,
-    CardOp.POWER_OFF: PcToRdr.ICC_POWER_OFF,
-    CardOp.TRANSMIT: PcToRdr.XFR_BLOCK,
-}
-
-
-class CardJob:
-    """One card operation for one slot, run by the driver (see :mod:`usbccid.jobs`)."""
-
-    def __init__(
-        self,
-        reader: CcidReader,
-        *,
-        epoch: int,
-        slot: int,
-        generation: int,
-        seq: int,
-        op: CardOp,
-        card: Card,
-        next_state: SlotState,
-        apdu: bytes = b"",
-    ) -> None:
-        self._reader = reader
-        self.epoch = epoch
-        self.slot = slot
-        self.generation = generation
-        self.seq = seq
-        self.op = op
-        self.card = card
-        self.next_state = next_state
-        self.apdu = apdu
-        self.result: bytes | None = None
-        self.exception: BaseException | None = None
-        self.started = False
-        self.aborted = False
-
-    @property
-    def blocking(self) -> bool:
-        return self.card.blocking
-
-    def run(self) -> None:
-        """Call the card. Touches nothing but the card; may run on another thread."""
-        try:
-            if self.op is CardOp.POWER_ON:
-                self.result = self.card.power_on()
-            elif self.op is CardOp.POWER_OFF:
-                self.card.power_off()
-                self.result = b""
-            else:
-                self.result = self.card.transmit(self.apdu)
-        except Exception as exc:  # a card bug must not leave the host waiting forever
-            self.exception = exc
-
-    def finish(self) -> None:
-        """Hand the result to the reader (on the driver's thread)."""
-        self._reader._finish(self)
-
-    def __repr__(self) -> str:
-        return f"<CardJob slot={self.slot} seq={self.seq} {self.op.name}>"
-
-
 @dataclass(slots=True)
 class _Outgoing:
     data: bytes
@@ -188,7 +109,7 @@ class _Outgoing:
 class _Slot:
     """The reader's bookkeeping for one slot."""
 
-    def __init__(self, index: int, card: Card | None) -> None:
+    def __init__(self, index: int, card: Card | None, block_size: int) -> None:
         self.index = index
         self.card = card
         self.generation = 0
@@ -198,8 +119,7 @@ class _Slot:
         self.atr: bytes | None = None
         self.protocol_num = 0
         self.parameters = b""
-        self.command_chain: bytearray | None = None
-        self.response_rest: bytes | None = None
+        self.chain = ApduChain(block_size)
         self.changed = False  # presence changed since the last NotifySlotChange
         # Multi-slot readers: a change was notified and the host has not asked this slot's
         # status since; it is notified again at renotify_at (armed with the next `now`).
@@ -224,8 +144,7 @@ class _Slot:
         self.state = SlotState.PRESENT_INACTIVE if self.card is not None else SlotState.ABSENT
         self.atr = None
         self.protocol_num, self.parameters = default_parameters(None)
-        self.command_chain = None
-        self.response_rest = None
+        self.chain.reset()
 
 
 class CcidReader:
@@ -258,7 +177,9 @@ class CcidReader:
         self.identity = identity if identity is not None else make_identity()
         self.config = config if config is not None else ReaderConfig()
         self._interface = interface_spec(self.config, len(cards), interface_name)
-        self._slots = [_Slot(index, card) for index, card in enumerate(cards)]
+        self._slots = [
+            _Slot(index, card, self.config.max_data_length) for index, card in enumerate(cards)
+        ]
         self._epoch = 0
         self._rx = bytearray()
         self._discard = 0  # bytes of a rejected bulk-OUT transfer still to drop
@@ -320,7 +241,7 @@ class CcidReader:
             # Not handed out yet: it never reaches the card.
             self._jobs.remove(job)
             record.job = None
-            self._answer(_OP_MESSAGE[job.op], record.index, job.seq, self._card_gone)
+            self._answer(OP_MESSAGE[job.op], record.index, job.seq, self._card_gone)
         return card
 
     # ---------------------------------------------------------------- UsbFunction
@@ -613,10 +534,10 @@ class CcidReader:
                 assert isinstance(command, IccPowerOn)
                 if command.power_select > 3:  # §6.1.1: 0 automatic, 1..3 a voltage
                     raise CcidError(SlotError.BAD_PARAMETER_7, "bPowerSelect")
-                record.command_chain = record.response_rest = None
+                record.chain.reset()
                 return self._start(record, CardOp.POWER_ON, command.seq, step.next_state)
             case Action.CARD_POWER_OFF:
-                record.command_chain = record.response_rest = None
+                record.chain.reset()
                 return self._start(record, CardOp.POWER_OFF, command.seq, step.next_state)
             case Action.CARD_TRANSMIT:
                 assert isinstance(command, XfrBlock)
@@ -628,7 +549,7 @@ class CcidReader:
         match command:
             case GetSlotStatus() | IccPowerOff():
                 if isinstance(command, IccPowerOff):
-                    record.command_chain = record.response_rest = None
+                    record.chain.reset()
                 return SlotStatus(slot, seq, icc)
             case GetParameters():
                 return Parameters(
@@ -673,56 +594,17 @@ class CcidReader:
         record.protocol_num, record.parameters = command.protocol_num, data
 
     def _xfr_block(self, record: _Slot, command: XfrBlock, next_state: SlotState) -> Reply | None:
-        """XfrBlock at extended APDU level, with chaining (§6.1.4 Table 6.1-4, §6.2.1).
+        """XfrBlock at extended APDU level: a whole APDU starts the card, a chain block
+        is acknowledged or answered with the next response block (usbccid.ccid.chaining)."""
+        step = record.chain.command(command.level_parameter, command.data)
+        if isinstance(step, bytes):
+            return self._start(record, CardOp.TRANSMIT, command.seq, next_state, step)
+        return self._data_block(record, command.seq, step)
 
-        Chaining is what libccid 1.5.2 commands.c CmdXfrBlockAPDU_extended does: after
-        each command block but the last it reads an empty DataBlock; while a response
-        DataBlock has bChainParameter 01h/03h/10h it sends an empty XfrBlock with
-        wLevelParameter 0010h and reads the next block.
-        """
-        level = command.level_parameter
-        if level == CHAIN_BEGIN_AND_END:
-            record.command_chain = record.response_rest = None
-            return self._start(record, CardOp.TRANSMIT, command.seq, next_state, command.data)
-        if level == CHAIN_BEGIN:
-            record.response_rest = None
-            record.command_chain = bytearray(command.data)
-            return self._command_block_ack(record, command.seq)
-        if level in (CHAIN_CONTINUE, CHAIN_END):
-            if record.command_chain is None:
-                raise CcidError(SlotError.BAD_PARAMETER_8, "no command chain to continue")
-            record.command_chain += command.data
-            if len(record.command_chain) > MAX_CHAINED_APDU:
-                record.command_chain = None
-                raise CcidError(SlotError.BAD_LENGTH, "chained APDU too long")
-            if level == CHAIN_CONTINUE:
-                return self._command_block_ack(record, command.seq)
-            apdu, record.command_chain = bytes(record.command_chain), None
-            return self._start(record, CardOp.TRANSMIT, command.seq, next_state, apdu)
-        if level == CHAIN_EMPTY:
-            if record.response_rest is None:
-                raise CcidError(SlotError.BAD_PARAMETER_8, "no response chain to continue")
-            if command.data:
-                raise CcidError(SlotError.BAD_LENGTH, "wLevelParameter 0010h with data")
-            return self._response_block(record, command.seq, record.response_rest, first=False)
-        raise CcidError(SlotError.BAD_PARAMETER_8, f"wLevelParameter 0x{level:04X}")
-
-    def _command_block_ack(self, record: _Slot, seq: int) -> Reply:
-        # §6.2.1 bChainParameter 10h: "empty abData field, continuation of the command
-        # APDU is expected in next PC_to_RDR_XfrBlock command".
-        return DataBlock(record.index, seq, record.icc_status, chain_parameter=CHAIN_EMPTY)
-
-    def _response_block(self, record: _Slot, seq: int, response: bytes, *, first: bool) -> Reply:
-        """The next DataBlock of a response, chained when longer than the reader's
-        dwMaxCCIDMessageLength - 10 (§6.2.1 bChainParameter)."""
-        size = self.config.max_data_length
-        block, rest = response[:size], response[size:]
-        record.response_rest = rest or None
-        if first:
-            chain = CHAIN_BEGIN if rest else CHAIN_BEGIN_AND_END
-        else:
-            chain = CHAIN_CONTINUE if rest else CHAIN_END
-        return DataBlock(record.index, seq, record.icc_status, data=block, chain_parameter=chain)
+    def _data_block(self, record: _Slot, seq: int, block: ResponseBlock) -> Reply:
+        return DataBlock(
+            record.index, seq, record.icc_status, data=block.data, chain_parameter=block.chain
+        )
 
     def _start(
         self, record: _Slot, op: CardOp, seq: int, next_state: SlotState, apdu: bytes = b""
@@ -757,7 +639,7 @@ class CcidReader:
         record.job = None
         record.next_extension = None
         self._drop_unread_time_extensions(job.slot)
-        self._answer(_OP_MESSAGE[job.op], job.slot, job.seq, lambda: self._job_reply(record, job))
+        self._answer(OP_MESSAGE[job.op], job.slot, job.seq, lambda: self._job_reply(record, job))
         if record.deferred_abort_seq is not None:
             seq, record.deferred_abort_seq = record.deferred_abort_seq, None
             self._send(SlotStatus(record.index, seq, record.icc_status))
@@ -783,12 +665,12 @@ class CcidReader:
             raise CcidError(SlotError.CMD_ABORTED)
         if job.op is CardOp.POWER_OFF:
             return SlotStatus(record.index, job.seq, record.icc_status)
-        return self._response_block(record, job.seq, job.result, first=True)
+        return self._data_block(record, job.seq, record.chain.respond(job.result))
 
     # ---------------------------------------------------------------- abort (§5.3.1)
 
     def _control_abort(self, record: _Slot, seq: int) -> None:
-        record.command_chain = record.response_rest = None
+        record.chain.reset()
         job = record.job
         if job is not None and not job.started:
             self._jobs.remove(job)
@@ -797,7 +679,7 @@ class CcidReader:
             def aborted() -> Reply:
                 raise CcidError(SlotError.CMD_ABORTED)
 
-            self._answer(_OP_MESSAGE[job.op], record.index, job.seq, aborted)
+            self._answer(OP_MESSAGE[job.op], record.index, job.seq, aborted)
         elif job is not None:
             job.aborted = True
         if record.bulk_abort_seq == seq:

@@ -1,6 +1,6 @@
 """The control socket: a UNIX datagram socket (mode 0600), one request per datagram.
 
-A thin shell around :func:`usbccid.control.handle_request`: receive a datagram, answer
+A thin shell around :func:`usbccid.tool.control.handle_request`: receive a datagram, answer
 the sender with the reply. :func:`request` is the client's side (``usbccid ctl``), a
 blocking socket bound to an abstract address so that the server can answer it.
 """
@@ -18,8 +18,14 @@ from pathlib import Path
 
 import asyncio_dgram
 
-from usbccid.control import MAX_DATAGRAM, SOCKET_NAME, ControlError, ServerState, handle_request
 from usbccid.errors import UsbccidError
+from usbccid.tool.control import (
+    MAX_DATAGRAM,
+    SOCKET_NAME,
+    ControlError,
+    ServerState,
+    handle_request,
+)
 
 log = logging.getLogger(__name__)
 

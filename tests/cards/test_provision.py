@@ -1,4 +1,4 @@
-"""usbccid.cac.provision: loading containers, generating test cards, card <-> files."""
+"""usbccid.cards.provision: loading containers, generating test cards, card <-> files."""
 
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store
 
+from tests.conftest import require_tool
 from usbccid.cac.profile import Container, PinPolicy
-from usbccid.cac.provision import (
+from usbccid.cards.generate import ContainerRole, ProvisionedCard, default_card_spec, generate_card
+from usbccid.cards.keys import load_container
+from usbccid.cards.manifest import card_from_files, card_to_files
+from usbccid.cards.provision import (
     CA_CERT_FILE,
     CAC_LABELS,
     DEFAULT_BACKDATE,
@@ -27,21 +31,12 @@ from usbccid.cac.provision import (
     DEFAULT_VALIDITY,
     MANIFEST_FILE,
     MAX_CONTAINERS,
-    ContainerRole,
-    ProvisionedCard,
     ProvisionError,
-    card_from_files,
-    card_to_files,
     container_label,
-    default_card_spec,
-    generate_card,
-    load_container,
     make_pin_policy,
     new_card_id,
 )
 from usbccid.errors import UsbccidError
-
-from .conftest import require_tool
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 PASSPHRASE = b"correct horse battery staple"

@@ -1,6 +1,6 @@
 """The control plane's protocol, sans-IO: one JSON request in, one JSON reply out.
 
-Each datagram on the control socket (``usbccid.control_server``) holds one UTF-8 JSON
+Each datagram on the control socket (``usbccid.tool.control_server``) holds one UTF-8 JSON
 object, a request::
 
     {"command": "status"}
@@ -14,7 +14,7 @@ and the server answers each with one reply datagram::
     {"ok": false, "error": "no reader 'desk2' (readers: desk)"}
 
 The server's side is :func:`handle_request`, which calls a :class:`ServerState` (the
-composition root, ``usbccid.app``, implements it); the client's side is
+composition root, ``usbccid.tool.app``, implements it); the client's side is
 :func:`encode_request` and :func:`decode_reply`. Nothing here does I/O.
 """
 

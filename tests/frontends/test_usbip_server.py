@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.usbip.helpers import UsbipClient, setup
+from usbccid.frontends.usbip.server import ServerThread, serve
 from usbccid.jobs import Job
-from usbccid.server import ServerThread, serve
 from usbccid.usbip import wire
 from usbccid.usbip.device import VirtualDevice
 from usbccid.usbip.exporter import Exporter

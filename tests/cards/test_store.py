@@ -1,4 +1,4 @@
-"""usbccid.state: state directory, stored cards, crash-safe PIN state."""
+"""usbccid.cards.store: state directory, stored cards, crash-safe PIN state."""
 
 from __future__ import annotations
 
@@ -13,15 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from usbccid.cac.profile import CardProfile, PinState, PinStateStore
-from usbccid.cac.provision import (
-    CA_CERT_FILE,
-    MANIFEST_FILE,
-    ProvisionedCard,
-    default_card_spec,
-    generate_card,
-)
-from usbccid.errors import UsbccidError
-from usbccid.state import (
+from usbccid.cards.generate import ProvisionedCard, default_card_spec, generate_card
+from usbccid.cards.provision import CA_CERT_FILE, MANIFEST_FILE
+from usbccid.cards.store import (
     CARDS_DIR,
     PIN_STATE_FILE,
     SYSTEM_STATE_DIR,
@@ -35,6 +29,7 @@ from usbccid.state import (
     load_or_create_default_card,
     save_card,
 )
+from usbccid.errors import UsbccidError
 
 from .test_provision import KEYS, NOW, counting_random
 

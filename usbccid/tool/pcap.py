@@ -22,8 +22,13 @@ from __future__ import annotations
 import enum
 import errno
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Final
+
+from usbccid.usbip import wire
+from usbccid.usbip.device import VirtualDevice
 
 LINKTYPE_USB_LINUX_MMAPPED: Final = 220
 PCAP_MAGIC: Final = 0xA1B2C3D4
@@ -302,3 +307,53 @@ class UsbipCapture:
     def reset(self) -> None:
         """The device was reset (a new import, a lost connection): its URBs are gone."""
         self._pending.clear()
+
+
+class CapturedDevice(VirtualDevice):
+    """A :class:`VirtualDevice` whose URB traffic also goes to a pcap (``--pcap``)."""
+
+    capture: UsbipCapture | None = None
+    clock: Callable[[], float] = time.time
+
+    def submit(self, cmd: wire.CmdSubmit) -> list[wire.RetSubmit]:
+        capture = self.capture
+        if capture is None:
+            return super().submit(cmd)
+        capture.submitted(
+            cmd.seqnum,
+            cmd.devid,
+            cmd.direction == wire.Direction.IN,
+            cmd.ep,
+            cmd.transfer_buffer_length,
+            wire.encode_setup(cmd.setup),
+            cmd.data,
+            cmd.interval,
+            self.clock(),
+        )
+        replies = super().submit(cmd)
+        self._record(replies)
+        return replies
+
+    def poll(self) -> list[wire.RetSubmit]:
+        # submit() completes parked URBs without calling poll(): no reply is recorded twice
+        replies = super().poll()
+        self._record(replies)
+        return replies
+
+    def unlink(self, cmd: wire.CmdUnlink) -> wire.RetUnlink:
+        reply = super().unlink(cmd)
+        if self.capture is not None:
+            self.capture.unlinked(cmd.unlink_seqnum, reply.status, self.clock())
+        return reply
+
+    def reset(self) -> None:
+        super().reset()
+        if self.capture is not None:
+            self.capture.reset()
+
+    def _record(self, replies: list[wire.RetSubmit]) -> None:
+        if self.capture is None:
+            return
+        now = self.clock()
+        for r in replies:
+            self.capture.returned(r.seqnum, r.status, r.actual_length, r.data, now)

@@ -1,7 +1,7 @@
 """A pyusb backend that drives a device exported over USB/IP (TCP), with no kernel help.
 
     import usb.core, usb.util
-    from usbccid.pyusb_backend import UsbipBackend
+    from usbccid.host.pyusb_backend import UsbipBackend
 
     with UsbipBackend("127.0.0.1", 3240) as backend:
         dev = usb.core.find(backend=backend, idVendor=0x08E6)

@@ -1,7 +1,7 @@
 """APDU trace logging (``usbccid serve --trace``), with secrets redacted.
 
 :class:`TracingCard` wraps a :class:`~usbccid.card.Card` and logs every exchange on the
-``usbccid.trace`` logger::
+``usbccid.tool.trace`` logger::
 
     desk/0 ATR 3b 8f 80 01 ...
     desk/0 > 00 a4 04 00 07 a0 00 00 00 79 01 00 00
@@ -29,7 +29,7 @@ from typing import Final
 
 from usbccid.card import Card
 
-log = logging.getLogger("usbccid.trace")
+log = logging.getLogger("usbccid.tool.trace")
 
 PIN_INSTRUCTIONS: Final = frozenset({0x20, 0x24, 0x2C})
 KEY_INSTRUCTIONS: Final = frozenset({0x42, 0x87, 0x2A, 0x88})
@@ -140,3 +140,26 @@ class TracingCard:
     def __getattr__(self, name: str) -> object:
         # Everything else (e.g. the CAC card's own attributes) is the wrapped card's.
         return getattr(self.card, name)
+
+
+class CountingCard:
+    """Counts a card's APDUs and resets for the status display."""
+
+    def __init__(self, card: Card, counters: dict[str, int]) -> None:
+        self.card = card
+        self.counters = counters
+
+    @property
+    def blocking(self) -> bool:
+        return self.card.blocking
+
+    def power_on(self) -> bytes:
+        self.counters["power_ons"] = self.counters.get("power_ons", 0) + 1
+        return self.card.power_on()
+
+    def power_off(self) -> None:
+        self.card.power_off()
+
+    def transmit(self, command: bytes) -> bytes:
+        self.counters["apdus"] = self.counters.get("apdus", 0) + 1
+        return self.card.transmit(command)

@@ -17,7 +17,7 @@ complete or absent. ``pin-state.json`` changes whenever the PIN or a retry count
 :class:`FilePinStateStore` replaces it atomically and durably (temp file, fsync, rename,
 fsync of the directory).
 
-The byte formats are ``usbccid.cac.provision``'s (:func:`~usbccid.cac.provision.card_to_files`);
+The byte formats are ``usbccid.cards.provision``'s (:func:`~usbccid.cards.provision.card_to_files`);
 this module only decides where they go.
 """
 
@@ -36,16 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from usbccid.cac.profile import CardProfile, PinState
-from usbccid.cac.provision import (
-    KeyFactory,
-    ProvisionedCard,
-    ProvisionError,
-    RandomSource,
-    card_from_files,
-    card_to_files,
-    generate_card,
-    generate_rsa_key,
-)
+from usbccid.cards.generate import ProvisionedCard, generate_card
+from usbccid.cards.manifest import card_from_files, card_to_files
+from usbccid.cards.provision import KeyFactory, ProvisionError, RandomSource, generate_rsa_key
 from usbccid.errors import UsbccidError
 
 __all__ = [
@@ -364,7 +357,7 @@ def load_or_create_card(
     new_key: KeyFactory = generate_rsa_key,
 ) -> tuple[ProvisionedCard, FilePinStateStore]:
     """The card ``name`` and its PIN state store, generating a default test card
-    (:func:`usbccid.cac.provision.generate_card`, validity from ``now``) on first use.
+    (:func:`usbccid.cards.provision.generate_card`, validity from ``now``) on first use.
 
     Later calls load the same card: same certificates, keys and card ID. A card
     directory that exists but is damaged is an error, never silently replaced. The PIN

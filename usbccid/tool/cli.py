@@ -286,7 +286,7 @@ def _port(text: str) -> int:
 
 
 def _network(text: str) -> object:
-    from usbccid.config import parse_network
+    from usbccid.tool.config import parse_network
 
     try:
         return parse_network(text)
@@ -316,7 +316,7 @@ def _setup_logging(args: argparse.Namespace, default: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     if getattr(args, "trace", False):
-        logging.getLogger("usbccid.trace").setLevel(logging.INFO)
+        logging.getLogger("usbccid.tool.trace").setLevel(logging.INFO)
 
 
 def _state_dir(args: argparse.Namespace, configured: Path | None = None) -> Path:
@@ -324,7 +324,7 @@ def _state_dir(args: argparse.Namespace, configured: Path | None = None) -> Path
         return Path(args.state_dir)
     if configured is not None:
         return configured
-    from usbccid.state import default_state_dir
+    from usbccid.cards.store import default_state_dir
 
     return default_state_dir()
 
@@ -333,8 +333,8 @@ def _state_dir(args: argparse.Namespace, configured: Path | None = None) -> Path
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from usbccid import app
-    from usbccid.config import default_config, load_config, with_overrides
+    from usbccid.tool import app
+    from usbccid.tool.config import default_config, load_config, with_overrides
 
     config = load_config(args.config) if args.config else default_config()
     config = with_overrides(
@@ -347,7 +347,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pcap=args.pcap,
     )
     if config.trace:
-        logging.getLogger("usbccid.trace").setLevel(logging.INFO)
+        logging.getLogger("usbccid.tool.trace").setLevel(logging.INFO)
     if config.log_level and not (getattr(args, "verbose", 0) or getattr(args, "quiet", 0)):
         logging.getLogger().setLevel(config.log_level.upper())
     state_dir = _state_dir(args, config.state_dir)
@@ -362,16 +362,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_card_new(args: argparse.Namespace) -> int:
     from usbccid.cac.profile import CardProfile
-    from usbccid.cac.provision import (
-        ProvisionedCard,
-        container_label,
-        default_card_spec,
-        generate_card,
-        load_container,
-        make_pin_policy,
-        new_card_id,
-    )
-    from usbccid.state import CardExistsError, card_directory, save_card
+    from usbccid.cards.generate import ProvisionedCard, default_card_spec, generate_card
+    from usbccid.cards.keys import load_container
+    from usbccid.cards.provision import container_label, make_pin_policy, new_card_id
+    from usbccid.cards.store import CardExistsError, card_directory, save_card
 
     state_dir = _state_dir(args)
     target = card_directory(state_dir, args.name)
@@ -458,7 +452,7 @@ def cmd_card_new(args: argparse.Namespace) -> int:
 
 
 def cmd_card_show(args: argparse.Namespace) -> int:
-    from usbccid.state import PIN_STATE_FILE, FilePinStateStore, card_directory, load_card
+    from usbccid.cards.store import PIN_STATE_FILE, FilePinStateStore, card_directory, load_card
 
     state_dir = _state_dir(args)
     card = load_card(state_dir, args.name)
@@ -473,7 +467,7 @@ def cmd_card_show(args: argparse.Namespace) -> int:
 
 
 def cmd_card_list(args: argparse.Namespace) -> int:
-    from usbccid.state import CARDS_DIR
+    from usbccid.cards.store import CARDS_DIR
 
     cards = _state_dir(args) / CARDS_DIR
     names = (
@@ -490,14 +484,14 @@ def cmd_card_list(args: argparse.Namespace) -> int:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from usbccid.control import (
+    from usbccid.tool.control import (
         decode_reply,
         encode_request,
         format_status,
         parse_target,
         status_from_json,
     )
-    from usbccid.control_server import request, socket_path
+    from usbccid.tool.control_server import request, socket_path
 
     if args.socket is not None:
         path = Path(args.socket)
@@ -550,7 +544,7 @@ def _digits(value: str, option: str) -> str:
 def _key_sizes(text: str | None) -> list[int]:
     if not text:
         return []
-    from usbccid.cac.provision import SUPPORTED_KEY_SIZES
+    from usbccid.cards.provision import SUPPORTED_KEY_SIZES
 
     try:
         sizes = [int(part) for part in text.split(",")]

@@ -1,0 +1,1 @@
+"""How hosts reach readers: one package per front end (``usbip``), ``registry`` names them."""

@@ -1,0 +1,89 @@
+"""What every front end gives the composition root: readers that hold cards.
+
+A front end is how hosts reach readers: ``usbip`` exports each reader as a USB CCID device
+over USB/IP today; ``vpcd`` and ``vscard`` are next. It builds one
+:class:`FrontendReader` per configured reader (``add_reader``), runs whatever listening or
+connecting it needs between ``start`` and ``close``, and reports who is connected. It
+knows nothing of where cards come from: the composition root (``usbccid.tool.app``) loads
+them (``usbccid.cards``) and inserts fresh :class:`~usbccid.card.Card` objects.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from usbccid.card import Card
+from usbccid.errors import UsbccidError
+from usbccid.tool.config import ReaderConfig
+from usbccid.usbip.function import DeviceIdentity
+
+
+class FrontendError(UsbccidError):
+    """A front end cannot serve its configuration, or cannot start. One line, for stderr."""
+
+
+class FrontendReader(Protocol):
+    """One reader of a front end, as the composition root drives it."""
+
+    @property
+    def address(self) -> str:
+        """Where hosts find it, e.g. the USB/IP bus id "1-1"."""
+        ...
+
+    @property
+    def identity(self) -> DeviceIdentity:
+        """The reader's USB identity (what pcscd shows as the reader's name)."""
+        ...
+
+    @property
+    def client(self) -> str | None:
+        """The host using it now (the importer's address), or None."""
+        ...
+
+    def insert(self, slot: int, card: Card) -> None:
+        """Put ``card`` into the empty ``slot`` (the host sees an insertion)."""
+        ...
+
+    def remove(self, slot: int) -> None:
+        """Take the card out of ``slot`` (the host sees a removal)."""
+        ...
+
+    def slot_state(self, slot: int) -> str:
+        """ "empty", "present" (card in, not powered) or "active" (powered)."""
+        ...
+
+
+class Frontend(Protocol):
+    """A way for hosts to reach readers (one instance serves all readers of its kind)."""
+
+    def add_reader(self, config: ReaderConfig) -> FrontendReader:
+        """Build the reader ``config`` describes (before :meth:`start`).
+
+        Raises:
+            FrontendError: the configuration cannot be served.
+        """
+        ...
+
+    async def start(self) -> None:
+        """Listen or connect.
+
+        Raises:
+            FrontendError: cannot (a port in use...).
+        """
+        ...
+
+    async def close(self) -> None:
+        """Stop; every host sees its readers go away."""
+        ...
+
+    def poke(self) -> None:
+        """Something changed outside a host's request (a card inserted): tell the hosts."""
+        ...
+
+    def counters(self) -> dict[str, int]:
+        """Totals for ``ctl status`` (connections, refused, ...)."""
+        ...
+
+    def banner(self) -> list[str]:
+        """What a human needs to know to connect (printed at start)."""
+        ...

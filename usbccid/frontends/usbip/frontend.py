@@ -1,0 +1,179 @@
+"""The USB/IP front end: each configured reader becomes a CCID-class USB device.
+
+A reader is a :class:`usbccid.ccid.reader.CcidReader` (the USB function) inside a
+:class:`usbccid.usbip.device.VirtualDevice`, exported by one
+:class:`usbccid.usbip.exporter.Exporter` under bus ids 1-1, 1-2, ... in reader order and
+served over TCP by :class:`usbccid.frontends.usbip.server.UsbipServer`, which enforces the
+configuration's allow-list.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from usbccid.card import Card
+from usbccid.ccid.identity import DEFAULT_PRESET, make_identity
+from usbccid.ccid.reader import CcidReader
+from usbccid.ccid.slot import SlotState
+from usbccid.frontends.base import FrontendError
+from usbccid.frontends.usbip.server import UsbipServer
+from usbccid.tool import config as cfg
+from usbccid.usbip.device import VirtualDevice
+from usbccid.usbip.exporter import Exporter
+from usbccid.usbip.function import DeviceIdentity, UsbFunction
+
+#: Builds the virtual device around a reader (``--pcap`` passes one that also records).
+DeviceFactory = Callable[[DeviceIdentity, UsbFunction], VirtualDevice]
+
+_SLOT_STATES = {
+    SlotState.ABSENT: "empty",
+    SlotState.PRESENT_INACTIVE: "present",
+    SlotState.ACTIVE: "active",
+}
+
+
+def reader_identity(config: cfg.ReaderConfig, state_dir: Path) -> DeviceIdentity:
+    """The USB identity of a configured reader.
+
+    The serial number, unless configured, is derived from the state directory and the
+    reader's name: stable across restarts (pcscd names readers by it) and different for
+    two servers with different state directories attached to one host.
+
+    Raises:
+        FrontendError: unknown preset.
+    """
+    ident = config.identity
+    vid_pid = None
+    if ident.vendor_id is not None and ident.product_id is not None:
+        vid_pid = (ident.vendor_id, ident.product_id)
+    serial = ident.serial_number
+    if serial is None:
+        digest = hashlib.sha256(f"{state_dir.resolve()}\0{config.name}".encode()).hexdigest()
+        serial = f"USBCCID-{digest[:10].upper()}"
+    extra: dict[str, Any] = {}
+    if ident.manufacturer is not None:
+        extra["manufacturer"] = ident.manufacturer
+    if ident.product is not None:
+        extra["product"] = ident.product
+    if ident.bcd_device is not None:
+        extra["bcd_device"] = ident.bcd_device
+    try:
+        return make_identity(
+            ident.preset or DEFAULT_PRESET, vid_pid=vid_pid, serial_number=serial, **extra
+        )
+    except ValueError as exc:
+        raise FrontendError(f"{config.origin}: reader {config.name}: {exc}") from None
+
+
+class UsbipReader:
+    """One exported reader: a CCID reader in a virtual USB device with a bus id."""
+
+    def __init__(self, exporter: Exporter, reader: CcidReader, device: VirtualDevice) -> None:
+        self._exporter = exporter
+        self.reader = reader
+        self.device = device
+        self.bus_id = exporter.add(device)
+
+    @property
+    def address(self) -> str:
+        return self.bus_id
+
+    @property
+    def identity(self) -> DeviceIdentity:
+        return self.reader.identity
+
+    @property
+    def client(self) -> str | None:
+        for status in self._exporter.status():
+            if status.busid == self.bus_id:
+                return status.imported_by
+        return None
+
+    def insert(self, slot: int, card: Card) -> None:
+        self.reader.insert(slot, card)
+
+    def remove(self, slot: int) -> None:
+        self.reader.remove(slot)
+
+    def slot_state(self, slot: int) -> str:
+        return _SLOT_STATES[self.reader.slot_state(slot)]
+
+
+class UsbipFrontend:
+    """Every ``frontend = "usbip"`` reader, on one USB/IP server (``[server]``)."""
+
+    def __init__(self, config: cfg.Config, make_device: DeviceFactory = VirtualDevice) -> None:
+        assert config.state_dir is not None
+        self.config = config
+        self.state_dir: Path = config.state_dir
+        self.make_device = make_device
+        self.exporter = Exporter()
+        self.readers: list[UsbipReader] = []
+        self.address: tuple[str, int] | None = None
+        self._server: UsbipServer | None = None
+
+    def add_reader(self, config: cfg.ReaderConfig) -> UsbipReader:
+        # pcscd puts iInterface into the reader's name: "VMware Virtual USB CCID
+        # [usbccid desk] (serial) 00 00", so the configured name shows on the host.
+        reader = CcidReader(
+            len(config.slots),
+            identity=reader_identity(config, self.state_dir),
+            interface_name=f"usbccid {config.name}",
+        )
+        exported = UsbipReader(self.exporter, reader, self.make_device(reader.identity, reader))
+        if config.bus_id is not None and config.bus_id != exported.bus_id:
+            raise FrontendError(
+                f"{config.origin}: reader {config.name!r} asks for bus id {config.bus_id}, but "
+                "this server numbers bus ids 1-1, 1-2, ... in reader order (it would be "
+                f"{exported.bus_id})"
+            )
+        self.readers.append(exported)
+        return exported
+
+    async def start(self) -> None:
+        server = UsbipServer(self.exporter, allow=self.config.server.is_allowed)
+        host, port = self.config.server.host, self.config.server.port
+        try:
+            self.address = await server.start(host, port)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                reason = "the port is in use (another usbccid, or usbipd?)"
+            raise FrontendError(f"cannot listen on {hostport(host, port)}: {reason}") from None
+        self._server = server
+
+    async def close(self) -> None:
+        if self._server is not None:
+            await self._server.close()
+
+    def poke(self) -> None:
+        if self._server is not None:
+            self._server.poke()
+
+    def counters(self) -> dict[str, int]:
+        server = self._server
+        if server is None:
+            return {"connections": 0, "refused": 0}
+        return {"connections": server.accepted, "refused": server.refused}
+
+    def listen(self) -> str:
+        host, port = self.address or (self.config.server.host, self.config.server.port)
+        return hostport(host, port)
+
+    def banner(self) -> list[str]:
+        host, port = self.address or (self.config.server.host, self.config.server.port)
+        attach_host = host
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - recognising it, not binding
+            attach_host = "<this machine's address>"
+        port_opt = f" --tcp-port {port}" if port != cfg.DEFAULT_PORT else ""
+        lines = ["attach on the host (as root, after 'modprobe vhci-hcd'):"]
+        lines += [f"  usbip{port_opt} attach -r {attach_host} -b {r.bus_id}" for r in self.readers]
+        return lines
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,408 @@
+"""The composition root: builds readers, cards and front ends from a Config, and runs them.
+
+It only composes. The cards come from their sources (``usbccid.cards.registry``), the
+readers from their front ends (``usbccid.frontends.registry``: USB/IP today); this module
+puts a fresh card object into each slot, wraps it for the status counters and ``--trace``
+(``usbccid.tool.trace``), gives the USB/IP front end a recording device factory for
+``--pcap`` (``usbccid.tool.pcap``), and answers the control socket
+(``usbccid.tool.control``).
+
+:func:`serve` is ``usbccid serve``: it builds the :class:`App`, opens the control socket,
+starts the front ends, prints how to attach, and runs until SIGINT/SIGTERM (SIGHUP
+reloads the cards, like ``usbccid ctl reload``). :class:`App` is the part that does not
+own the event loop; ``usbccid.testing`` runs it inside a test process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from usbccid import __version__
+from usbccid.card import Card
+from usbccid.cards.registry import CardSourceConfig, load_card
+from usbccid.cards.source import LoadedCard
+from usbccid.cards.store import StateError
+from usbccid.errors import UsbccidError
+from usbccid.frontends.base import FrontendError, FrontendReader
+from usbccid.frontends.usbip.frontend import UsbipFrontend
+from usbccid.tool import config as cfg
+from usbccid.tool.control import (
+    ControlError,
+    ReaderStatus,
+    ServerStatus,
+    SlotStatus,
+    find_reader,
+)
+from usbccid.tool.control_server import ControlServer, socket_path
+from usbccid.tool.pcap import CapturedDevice, UsbipCapture, UsbPcapWriter
+from usbccid.tool.schema import ConfigError
+from usbccid.tool.trace import CountingCard, TracingCard
+from usbccid.usbip.device import VirtualDevice
+from usbccid.usbip.function import DeviceIdentity, UsbFunction
+
+log = logging.getLogger(__name__)
+
+
+class AppError(UsbccidError):
+    """The server cannot start or run as configured. One line, for stderr."""
+
+
+@dataclass
+class _Slot:
+    config: cfg.SlotConfig
+    card: LoadedCard | None = None
+    inserted: bool = False
+
+
+@dataclass
+class _Reader:
+    config: cfg.ReaderConfig
+    reader: FrontendReader
+    slots: list[_Slot]
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def busid(self) -> str:
+        return self.reader.address
+
+
+class App:
+    """The built server: readers, exporter, USB/IP server, control socket.
+
+    Implements :class:`usbccid.tool.control.ServerState`. All methods run on the event loop's
+    thread (the control socket's handler is called there).
+    """
+
+    def __init__(
+        self,
+        config: cfg.Config,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if config.state_dir is None:
+            raise AppError("no state directory")
+        self.config = config
+        self.state_dir: Path = config.state_dir
+        self._now = now
+        self.started = time.monotonic()
+        self._pcap: UsbPcapWriter | None = None
+        self._pcap_file: IO[bytes] | None = None
+        self._control: ControlServer | None = None
+        _ensure_dir(self.state_dir)
+        self.usbip = UsbipFrontend(config, self._make_device)
+        self.readers = self._build()
+
+    # -- building ------------------------------------------------------------------
+
+    def _build(self) -> list[_Reader]:
+        if self.config.pcap is not None:
+            try:
+                # 0600: the capture holds everything the host sent, PINs included
+                fd = os.open(self.config.pcap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                self._pcap_file = os.fdopen(fd, "wb")
+            except OSError as exc:
+                raise AppError(
+                    f"cannot write pcap {self.config.pcap}: {exc.strerror or exc}"
+                ) from None
+            self._pcap = UsbPcapWriter(self._pcap_file)
+            log.warning(
+                "capturing USB traffic to %s: it is not redacted (PINs, signatures); "
+                "do not share it as is",
+                self.config.pcap,
+            )
+        readers: list[_Reader] = []
+        for rc in self.config.readers:
+            slots = [_Slot(sc, self._load(sc.card, rc.origin)) for sc in rc.slots]
+            try:
+                reader = self.usbip.add_reader(rc)
+            except FrontendError as exc:
+                raise AppError(str(exc)) from None
+            r = _Reader(rc, reader, slots)
+            for index, slot in enumerate(slots):
+                if slot.card is not None and slot.config.inserted:
+                    self._insert(r, index)
+            readers.append(r)
+        return readers
+
+    def _make_device(self, identity: DeviceIdentity, function: UsbFunction) -> VirtualDevice:
+        device = CapturedDevice(identity, function)
+        if self._pcap is not None:
+            types = {ep.address: int(ep.transfer_type) for ep in function.interface.endpoints}
+            # the exporter numbers devices 1-1, 1-2, ... in the order they are made
+            devnum = len(self.usbip.readers) + 1
+            device.capture = UsbipCapture(self._pcap, types, devnum)
+        return device
+
+    def _load(self, card: CardSourceConfig | None, origin: str) -> LoadedCard | None:
+        if card is None:
+            return None
+        try:
+            return load_card(card, self.state_dir, self._now())
+        except StateError as exc:
+            raise AppError(str(exc)) from None
+
+    def _card(self, r: _Reader, index: int, loaded: LoadedCard) -> Card:
+        card: Card = CountingCard(loaded.new_card(), r.counters)
+        if self.config.trace:
+            card = TracingCard(card, f"{r.config.name}/{index}")
+        return card
+
+    def _insert(self, r: _Reader, index: int) -> None:
+        slot = r.slots[index]
+        if slot.card is None:
+            raise ControlError(f"reader {r.config.name} slot {index} is configured empty")
+        if slot.inserted:
+            return
+        r.reader.insert(index, self._card(r, index, slot.card))
+        slot.inserted = True
+        r.counters["insertions"] = r.counters.get("insertions", 0) + 1
+
+    def _remove(self, r: _Reader, index: int) -> None:
+        slot = r.slots[index]
+        if not slot.inserted:
+            return
+        r.reader.remove(index)
+        slot.inserted = False
+        r.counters["removals"] = r.counters.get("removals", 0) + 1
+
+    # -- running -------------------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        """Listen for control requests and USB/IP; returns the bound (host, port).
+
+        The control socket comes first: it is how a second server on the same state
+        directory finds out, before it touches any port.
+        """
+        control = ControlServer(
+            socket_path(self.state_dir, os.environ.get("RUNTIME_DIRECTORY")), self
+        )
+        await control.start()
+        try:
+            await self.usbip.start()
+        except FrontendError as exc:
+            await control.close()
+            raise AppError(str(exc)) from None
+        self._control = control
+        assert self.usbip.address is not None
+        return self.usbip.address
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return self.usbip.address
+
+    @property
+    def control_path(self) -> Path | None:
+        return self._control.path if self._control is not None else None
+
+    async def close(self) -> None:
+        if self._control is not None:
+            await self._control.close()
+        await self.usbip.close()
+        if self._pcap_file is not None:
+            self._pcap_file.close()
+            self._pcap_file = None
+
+    def poke(self) -> None:
+        self.usbip.poke()
+
+    # -- ServerState ---------------------------------------------------------------
+
+    def _find(self, reader: str) -> _Reader:
+        index = find_reader([(r.config.name, r.reader.address) for r in self.readers], reader)
+        return self.readers[index]
+
+    def _check_slot(self, r: _Reader, slot: int) -> None:
+        if not 0 <= slot < len(r.slots):
+            raise ControlError(
+                f"reader {r.config.name} has no slot {slot} (slots 0-{len(r.slots) - 1})"
+            )
+
+    def status(self) -> ServerStatus:
+        readers = []
+        for r in self.readers:
+            slots = []
+            for index, slot in enumerate(r.slots):
+                state = r.reader.slot_state(index) if slot.inserted else "empty"
+                card = slot.card.description if slot.card is not None else None
+                slots.append(SlotStatus(index=index, state=state, card=card))
+            identity = r.reader.identity
+            readers.append(
+                ReaderStatus(
+                    name=r.config.name,
+                    bus_id=r.reader.address,
+                    vendor_id=identity.vendor_id,
+                    product_id=identity.product_id,
+                    product=identity.product,
+                    client=r.reader.client,
+                    slots=tuple(slots),
+                    counters=dict(r.counters),
+                )
+            )
+        return ServerStatus(
+            version=__version__,
+            listen=self.usbip.listen(),
+            pid=os.getpid(),
+            uptime=time.monotonic() - self.started,
+            readers=tuple(readers),
+            counters=self.usbip.counters(),
+        )
+
+    def insert(self, reader: str, slot: int) -> None:
+        r = self._find(reader)
+        self._check_slot(r, slot)
+        self._insert(r, slot)
+        self.poke()
+
+    def remove(self, reader: str, slot: int) -> None:
+        r = self._find(reader)
+        self._check_slot(r, slot)
+        self._remove(r, slot)
+        self.poke()
+
+    def reload(self) -> Mapping[str, Any]:
+        """Re-read the configuration file and the cards; swap the cards that changed.
+
+        Readers and their slots are fixed while running (the host has enumerated them):
+        a change there is reported as needing a restart.
+        """
+        if self.config.path is not None:
+            try:
+                new = cfg.load_config(self.config.path)
+            except ConfigError as exc:
+                raise ControlError(f"configuration not reloaded: {exc}") from None
+        else:
+            new = self.config
+        changed: list[str] = []
+        restart: list[str] = []
+        by_name = {rc.name: rc for rc in new.readers}
+        if [rc.name for rc in new.readers] != [r.config.name for r in self.readers]:
+            restart.append("the set of readers changed")
+        for r in self.readers:
+            rc = by_name.get(r.config.name)
+            if rc is None:
+                continue
+            if len(rc.slots) != len(r.slots) or rc.identity != r.config.identity:
+                restart.append(f"reader {r.config.name}: identity or slot count changed")
+                continue
+            for index, sc in enumerate(rc.slots):
+                try:
+                    loaded = self._load(sc.card, rc.origin)
+                except UsbccidError as exc:
+                    raise ControlError(f"cards not reloaded: {exc}") from None
+                old = r.slots[index]
+                same = (
+                    loaded is not None and old.card is not None and loaded.same_card(old.card)
+                ) or (loaded is None and old.card is None)
+                if same:
+                    continue
+                was_in = old.inserted
+                self._remove(r, index)
+                r.slots[index] = _Slot(sc, loaded)
+                if loaded is not None and (was_in or sc.inserted):
+                    self._insert(r, index)
+                changed.append(f"{r.config.name}:{index}")
+        self.poke()
+        message = f"reloaded: {len(changed)} card(s) changed"
+        if changed:
+            message += f" ({', '.join(changed)})"
+        if restart:
+            message += "; restart needed for: " + "; ".join(restart)
+        log.info("%s", message)
+        return {"changed": changed, "restart_needed": restart, "message": message}
+
+    # -- for humans ----------------------------------------------------------------
+
+    def banner(self) -> list[str]:
+        lines = [f"usbccid {__version__}: USB/IP server listening on {self.usbip.listen()}"]
+        for r in self.readers:
+            lines.append(
+                f"reader {r.config.name}: bus id {r.reader.address}, "
+                f"{r.reader.identity.vendor_id:04x}:{r.reader.identity.product_id:04x} "
+                f"{r.reader.identity.product}"
+            )
+            for index, slot in enumerate(r.slots):
+                if slot.card is None:
+                    lines.append(f"  slot {index}: empty")
+                    continue
+                where = "inserted" if slot.inserted else "removed"
+                lines.append(
+                    f"  slot {index}: {slot.card.description}, {where}, PIN {slot.card.current_pin}"
+                )
+                if slot.card.ca_file is not None:
+                    lines.append(f"    test CA certificate: {slot.card.ca_file}")
+        lines += self.usbip.banner()
+        if self._control is not None:
+            lines.append(f"control socket: {self._control.path}")
+        return lines
+
+
+def _ensure_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AppError(f"cannot create state directory {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise AppError(f"state directory {path} is not writable")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def check(config: cfg.Config) -> str:
+    """Build everything without listening (``usbccid serve --check``); a summary."""
+    app = App(replace(config, pcap=None))
+    slots = sum(len(r.slots) for r in app.readers)
+    n = len(app.readers)
+    return f"{n} reader{'s' * (n != 1)}, {slots} slot{'s' * (slots != 1)}"
+
+
+def serve(config: cfg.Config, announce: Callable[[str], None]) -> None:
+    """Run the server until SIGINT or SIGTERM (``usbccid serve``)."""
+    asyncio.run(_serve(config, announce))
+
+
+async def _serve(config: cfg.Config, announce: Callable[[str], None]) -> None:
+    app = App(config)
+    try:
+        host, _ = await app.start()
+    except BaseException:
+        await app.close()
+        raise
+    if (
+        host not in ("127.0.0.1", "::1", "localhost")
+        and config.server.allow == cfg.LOOPBACK_NETWORKS
+    ):
+        log.warning(
+            "listening on %s but only loopback clients are allowed: add [server] allow "
+            "or --allow CIDR for the clients' networks",
+            host,
+        )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        try:
+            app.reload()
+        except ControlError as exc:
+            log.error("%s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    for line in app.banner():
+        announce(line)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await app.close()
