@@ -34,7 +34,7 @@ _NOW = datetime.datetime.now(datetime.UTC)
 
 
 @dataclass
-class TestCa:
+class ThrowawayCa:
     key: rsa.RSAPrivateKey
     certificate: x509.Certificate
 
@@ -53,7 +53,7 @@ class TestCa:
 
 
 @pytest.fixture(scope="session")
-def test_ca() -> TestCa:
+def test_ca() -> ThrowawayCa:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "usbccid token test CA")])
     cert = (
@@ -67,7 +67,7 @@ def test_ca() -> TestCa:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
-    return TestCa(key, cert)
+    return ThrowawayCa(key, cert)
 
 
 def run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> str:
@@ -91,7 +91,7 @@ class SoftHsm:
 
     directory: Path
     conf: Path
-    ca: TestCa
+    ca: ThrowawayCa
     label: str = LABEL
     pin: str = USER_PIN
     module: str = SOFTHSM_MODULE
@@ -134,7 +134,7 @@ class SoftHsm:
         raise AssertionError(out)
 
 
-def make_softhsm(directory: Path, ca: TestCa, *, mechanisms: str | None = None) -> SoftHsm:
+def make_softhsm(directory: Path, ca: ThrowawayCa, *, mechanisms: str | None = None) -> SoftHsm:
     require(Path(SOFTHSM_MODULE).exists(), "SoftHSM2 (Debian softhsm2) is not installed")
     util = require_tool("softhsm2-util")
     require_tool("pkcs11-tool")
@@ -160,7 +160,7 @@ def make_softhsm(directory: Path, ca: TestCa, *, mechanisms: str | None = None) 
 
 
 @pytest.fixture
-def hsm(tmp_path: Path, test_ca: TestCa, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHsm]:
+def hsm(tmp_path: Path, test_ca: ThrowawayCa, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHsm]:
     """A token "CAC test" (PIN 12345678) with RSA-2048 key 01, RSA-1024 key 02, both
     certified, and a CA certificate (id 0a) without a key."""
     h = make_softhsm(tmp_path, test_ca)
@@ -174,7 +174,7 @@ def hsm(tmp_path: Path, test_ca: TestCa, monkeypatch: pytest.MonkeyPatch) -> Ite
 
 @pytest.fixture
 def hsm_no_raw(
-    tmp_path: Path, test_ca: TestCa, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, test_ca: ThrowawayCa, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[SoftHsm]:
     """The same token on a SoftHSM without CKM_RSA_X_509 (libcacard's hwtests_no_raw).
 
@@ -188,3 +188,76 @@ def hsm_no_raw(
     monkeypatch.setenv("SOFTHSM2_CONF", str(h.conf))
     yield h
     finalize_module(SOFTHSM_MODULE)
+
+
+# --------------------------------------------------------------------------- NSS databases
+
+DB_PASSWORD = "db-pass1"
+
+
+@dataclass
+class NssDb:
+    """An NSS sql: database made by certutil/pk12util; ``password`` "" means none."""
+
+    directory: Path
+    password: str
+    nicknames: list[str]
+
+    @property
+    def db(self) -> str:
+        return f"sql:{self.directory}"
+
+
+def make_nss_db(directory: Path, ca: ThrowawayCa, password: str = DB_PASSWORD) -> NssDb:
+    """cert1 and cert2 (RSA-2048, keys generated in the database by certutil, issued by
+    the database's own CA "ca"), and cert3 (RSA-1024, imported from PKCS#12 by pk12util)."""
+    certutil = require_tool("certutil")
+    pk12util = require_tool("pk12util")
+    directory.mkdir(parents=True)
+    pwfile = directory.parent / f"{directory.name}.pw"
+    pwfile.write_text(password + "\n")
+    db = f"sql:{directory}"
+    if password:
+        run(certutil, "-N", "-d", db, "-f", str(pwfile))
+    else:
+        run(certutil, "-N", "-d", db, "--empty-password")
+    noise = directory.parent / f"{directory.name}.noise"
+    auth = ["-f", str(pwfile)] if password else []
+    for serial, (nick, subject, extra) in enumerate(
+        [
+            ("ca", "CN=NSS test CA", ["-x", "-t", "CT,C,C", "-2"]),
+            ("cert1", "CN=NSS.cert1", ["-c", "ca", "-t", ",,"]),
+            ("cert2", "CN=NSS.cert2", ["-c", "ca", "-t", ",,"]),
+        ],
+        start=1,
+    ):
+        noise.write_bytes(os.urandom(64))
+        run(
+            certutil, "-S", "-d", db, "-n", nick, "-s", subject, "-k", "rsa", "-g", "2048",
+            "-m", str(serial), "-z", str(noise), *auth, *extra,
+            stdin="y\n0\ny\n" if nick == "ca" else None,
+        )  # fmt: skip
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    cert = ca.issue(key.public_key(), "NSS.cert3")
+    p12 = directory.parent / f"{directory.name}.p12"
+    p12.write_bytes(
+        pkcs12.serialize_key_and_certificates(
+            b"cert3", key, cert, None, serialization.BestAvailableEncryption(b"p12pass")
+        )
+    )
+    p12pw = directory.parent / f"{directory.name}.p12pw"
+    p12pw.write_text("p12pass\n")
+    run(pk12util, "-i", str(p12), "-d", db, "-k", str(pwfile), "-w", str(p12pw))
+    return NssDb(directory, password, ["cert1", "cert2", "cert3"])
+
+
+@pytest.fixture
+def nss_db(tmp_path: Path, test_ca: ThrowawayCa) -> NssDb:
+    return make_nss_db(tmp_path / "nssdb", test_ca)
+
+
+@pytest.fixture
+def nss_db_no_password(tmp_path: Path, test_ca: ThrowawayCa) -> NssDb:
+    return make_nss_db(tmp_path / "nssdb-open", test_ca, password="")

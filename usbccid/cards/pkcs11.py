@@ -27,6 +27,7 @@ the card built here is ``blocking``, so the CCID reader runs its commands as job
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import hashlib
 import logging
@@ -78,10 +79,20 @@ class _PreInitialisedLib(_p11.lib):
     ``lib.__init__`` calls ``initialize()``, which would call ``C_Initialize(NULL)``
     (see :mod:`usbccid.cards._cryptoki` for why we do not); python-pkcs11 then never
     finalises the module either.
+
+    Instances are never deallocated (:func:`_keep`): the module stays loaded for the life
+    of the process anyway, and python-pkcs11's ``__dealloc__`` looks ``unload`` up on the
+    instance, which fails for a Python subclass once interpreter shutdown has cleared the
+    subclass (an "Exception ignored" message at every exit).
     """
 
     def initialize(self) -> None:
         pass
+
+
+def _keep(obj: object) -> None:
+    """Take a reference that is never released."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
 class Module:
@@ -107,6 +118,7 @@ class Module:
             self.lib = _PreInitialisedLib(path)
         except p11x.PKCS11Error as exc:  # pragma: no cover - loaded and initialised above
             raise TokenSourceError(f"PKCS#11 module {path}: {_describe(exc)}") from None
+        _keep(self.lib)
 
     @classmethod
     def load(cls, path: str, library_parameters: str | None = None) -> Module:
@@ -535,8 +547,10 @@ class TokenCertificate:
     certificate: x509.Certificate
 
 
-def token_certificates(session: pkcs11.Session, where: str) -> list[TokenCertificate]:
-    """The token's X.509 certificate objects with an RSA key, in ``CKA_ID`` order."""
+def token_certificates(
+    session: pkcs11.Session, where: str, *, rsa_only: bool = True
+) -> list[TokenCertificate]:
+    """The token's X.509 certificate objects (with an RSA key), in ``CKA_ID`` order."""
     found = []
     try:
         objects = list(
@@ -556,7 +570,7 @@ def token_certificates(session: pkcs11.Session, where: str) -> list[TokenCertifi
             except ValueError:
                 log.warning("%s: certificate %r is not valid DER, skipped", where, label)
                 continue
-            if not isinstance(cert.public_key(), rsa.RSAPublicKey):
+            if rsa_only and not isinstance(cert.public_key(), rsa.RSAPublicKey):
                 log.info("%s: certificate %r has no RSA key, skipped", where, label)
                 continue
             found.append(TokenCertificate(key_id, label, cert))
@@ -683,7 +697,7 @@ class SourceInfo:
     pin_checked: bool = False
 
 
-def _container_info(chosen: Iterable[TokenCertificate]) -> tuple[ContainerInfo, ...]:
+def container_info(chosen: Iterable[TokenCertificate]) -> tuple[ContainerInfo, ...]:
     out = []
     for c in chosen:
         public = c.certificate.public_key()
@@ -823,7 +837,7 @@ class Pkcs11Source:
                 token_serial=connection.serial,
                 raw_rsa=connection.has_raw_rsa,
                 login_required=info.login_required,
-                containers=_container_info(chosen),
+                containers=container_info(chosen),
                 pin_checked=checked,
             )
         except CardError as exc:
