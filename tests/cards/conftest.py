@@ -52,8 +52,7 @@ class ThrowawayCa:
         )
 
 
-@pytest.fixture(scope="session")
-def test_ca() -> ThrowawayCa:
+def new_ca() -> ThrowawayCa:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "usbccid token test CA")])
     cert = (
@@ -68,6 +67,11 @@ def test_ca() -> ThrowawayCa:
         .sign(key, hashes.SHA256())
     )
     return ThrowawayCa(key, cert)
+
+
+@pytest.fixture(scope="session")
+def throwaway_ca() -> ThrowawayCa:
+    return new_ca()
 
 
 def run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> str:
@@ -160,13 +164,15 @@ def make_softhsm(directory: Path, ca: ThrowawayCa, *, mechanisms: str | None = N
 
 
 @pytest.fixture
-def hsm(tmp_path: Path, test_ca: ThrowawayCa, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHsm]:
+def hsm(
+    tmp_path: Path, throwaway_ca: ThrowawayCa, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[SoftHsm]:
     """A token "CAC test" (PIN 12345678) with RSA-2048 key 01, RSA-1024 key 02, both
     certified, and a CA certificate (id 0a) without a key."""
-    h = make_softhsm(tmp_path, test_ca)
+    h = make_softhsm(tmp_path, throwaway_ca)
     h.add_key("01", 2048, "id")
     h.add_key("02", 1024, "sign")
-    h.add_certificate("0a", "ca", test_ca.certificate)
+    h.add_certificate("0a", "ca", throwaway_ca.certificate)
     monkeypatch.setenv("SOFTHSM2_CONF", str(h.conf))
     yield h
     finalize_module(SOFTHSM_MODULE)
@@ -174,7 +180,7 @@ def hsm(tmp_path: Path, test_ca: ThrowawayCa, monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.fixture
 def hsm_no_raw(
-    tmp_path: Path, test_ca: ThrowawayCa, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, throwaway_ca: ThrowawayCa, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[SoftHsm]:
     """The same token on a SoftHSM without CKM_RSA_X_509 (libcacard's hwtests_no_raw).
 
@@ -182,7 +188,7 @@ def hsm_no_raw(
     of a negative one ("-CKM_RSA_X_509" is looked up with its minus sign; fixed in 2.7.0,
     cfe1f7fd), so that form would leave CKM_RSA_X_509 enabled.
     """
-    h = make_softhsm(tmp_path, test_ca, mechanisms="CKM_RSA_PKCS_KEY_PAIR_GEN,CKM_RSA_PKCS")
+    h = make_softhsm(tmp_path, throwaway_ca, mechanisms="CKM_RSA_PKCS_KEY_PAIR_GEN,CKM_RSA_PKCS")
     h.add_key("01", 2048, "id")
     h.add_key("02", 1024, "sign")
     monkeypatch.setenv("SOFTHSM2_CONF", str(h.conf))
@@ -254,10 +260,10 @@ def make_nss_db(directory: Path, ca: ThrowawayCa, password: str = DB_PASSWORD) -
 
 
 @pytest.fixture
-def nss_db(tmp_path: Path, test_ca: ThrowawayCa) -> NssDb:
-    return make_nss_db(tmp_path / "nssdb", test_ca)
+def nss_db(tmp_path: Path, throwaway_ca: ThrowawayCa) -> NssDb:
+    return make_nss_db(tmp_path / "nssdb", throwaway_ca)
 
 
 @pytest.fixture
-def nss_db_no_password(tmp_path: Path, test_ca: ThrowawayCa) -> NssDb:
-    return make_nss_db(tmp_path / "nssdb-open", test_ca, password="")
+def nss_db_no_password(tmp_path: Path, throwaway_ca: ThrowawayCa) -> NssDb:
+    return make_nss_db(tmp_path / "nssdb-open", throwaway_ca, password="")

@@ -134,8 +134,8 @@ def test_missing_database(tmp_path: Path) -> None:
     )
 
 
-def test_locked_database(tmp_path: Path, test_ca: ThrowawayCa) -> None:
-    db = make_nss_db(tmp_path / "locked", test_ca)
+def test_locked_database(tmp_path: Path, throwaway_ca: ThrowawayCa) -> None:
+    db = make_nss_db(tmp_path / "locked", throwaway_ca)
     writer = sqlite3.connect(db.directory / "cert9.db", isolation_level=None)
     try:
         writer.execute("BEGIN EXCLUSIVE")  # another program in the middle of a write
@@ -152,8 +152,10 @@ def test_locked_database(tmp_path: Path, test_ca: ThrowawayCa) -> None:
     assert Session(card).verify(db.password.encode()) == 0x9000
 
 
-def test_two_databases_side_by_side(nss_db: NssDb, tmp_path: Path, test_ca: ThrowawayCa) -> None:
-    other = make_nss_db(tmp_path / "second", test_ca, password="second1")
+def test_two_databases_side_by_side(
+    nss_db: NssDb, tmp_path: Path, throwaway_ca: ThrowawayCa
+) -> None:
+    other = make_nss_db(tmp_path / "second", throwaway_ca, password="second1")
     a, b = nss_card(nss_db), nss_card(other)
     sa, sb = Session(a), Session(b)
     assert sa.verify(nss_db.password.encode()) == 0x9000
