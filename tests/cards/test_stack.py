@@ -28,8 +28,8 @@ from tests.cards.test_pkcs11 import containers, public, source_for
 from usbccid.cards.pkcs11 import Pkcs11Source, PresenceAction
 from usbccid.ccid import CcidReader
 from usbccid.ccid.identity import make_identity
-from usbccid.pyusb_backend import attach
-from usbccid.server import ServerThread
+from usbccid.frontends.usbip.server import ServerThread
+from usbccid.host.pyusb_backend import attach
 from usbccid.usbip.device import VirtualDevice
 from usbccid.usbip.exporter import Exporter
 

@@ -56,7 +56,7 @@ from usbccid.cards.pkcs11 import (
 )
 from usbccid.ccid import CcidReader
 from usbccid.ccid.identity import make_identity
-from usbccid.server import ServerThread
+from usbccid.frontends.usbip.server import ServerThread
 from usbccid.usbip.device import VirtualDevice
 from usbccid.usbip.exporter import Exporter
 

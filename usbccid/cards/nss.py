@@ -28,9 +28,11 @@ import ctypes.util
 import sqlite3
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any, Final
 
 import pkcs11
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -39,18 +41,22 @@ from pkcs11 import exceptions as p11x
 from usbccid.cac.applets.pki import MAX_PKI_CONTAINERS
 from usbccid.cac.card import CacCard
 from usbccid.cac.errors import CardError
+from usbccid.cac.profile import TokenCardProfile
 from usbccid.cards import _cryptoki
 from usbccid.cards.pkcs11 import (
     Module,
     SourceInfo,
+    TokenCard,
     TokenCertificate,
     TokenConnection,
     TokenSourceError,
     card_id_for,
     container_info,
     make_card,
+    read_secret,
     token_certificates,
 )
+from usbccid.tool.schema import Checker, KeyPath
 
 #: Softokn with no database of its own (its built-in default, read-only).
 LIBRARY_PARAMETERS = (
@@ -328,6 +334,18 @@ class NssSource:
         self._connection = connection
         return self.card
 
+    @property
+    def alive(self) -> bool:
+        return self._connection is not None and self._connection.alive
+
+    @property
+    def profile(self) -> TokenCardProfile | None:
+        if self.card is None:
+            return None
+        profile = self.card.profile
+        assert isinstance(profile, TokenCardProfile)
+        return profile
+
     def check(self, password: str | None = None) -> SourceInfo:
         """The start-up checks; with ``password``, that it opens the database's keys.
 
@@ -357,3 +375,91 @@ class NssSource:
             raise TokenSourceError(f"{self._where()}: {exc}") from None
         finally:
             connection.close()
+
+
+# --------------------------------------------------------------------------- as a slot's card
+
+TYPE: Final = "nss"
+#: the keys of an nss slot table, beside the keys every slot has (type, inserted)
+KEYS: Final = ("db", "certs", "softokn", "check_password_file", "check_password_env")
+
+_SOURCES: dict[NssConfig, NssSource] = {}
+_SOURCES_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class NssSlotConfig:
+    """``[[reader.slot]] type = "nss"``: QEMU's ``db=`` and ``cert1=``..``cert3=``::
+
+    [[reader.slot]]
+    type = "nss"
+    db = "sql:/etc/pki/nssdb"          # sql:DIR, dbm:DIR, or DIR (sql:); relative to this file
+    certs = ["cert1", "cert2", "cert3"] # nicknames, in container order (1 to 16)
+    check_password_file = "db.pw"       # optional: check the password at start-up
+    """
+
+    source: NssConfig
+    check_password_file: Path | None = None
+    check_password_env: str | None = None
+    type: str = TYPE
+    origin: str = ""
+
+
+def parse(ck: Checker, t: Mapping[str, Any], path: KeyPath) -> NssSlotConfig:
+    """The card of the nss slot table ``t`` (at ``path``)."""
+    db = ck.get(t, path, "db", str)
+    if db is None:
+        raise ck.fail(path, "missing key 'db' (the NSS database, \"sql:/path\")")
+    kind, sep, rest = db.partition(":")
+    if not (sep and kind in ("sql", "dbm")):
+        kind, rest = "sql", db
+    directory = ck.relative(rest)  # relative to the configuration file
+    assert directory is not None
+    location = DbLocation(kind, directory.absolute())
+    certs = ck.get(t, path, "certs", list)
+    if certs is None:
+        raise ck.fail(path, "missing key 'certs' (certificate nicknames, in container order)")
+    if not 1 <= len(certs) <= MAX_PKI_CONTAINERS:
+        raise ck.fail((*path, "certs"), f"1 to {MAX_PKI_CONTAINERS} nicknames")
+    for i, nick in enumerate(certs):
+        if not isinstance(nick, str) or not nick:
+            raise ck.fail((*path, "certs", i), "expected a certificate nickname (a string)")
+    softokn = ck.get(t, path, "softokn", str)
+    if softokn is not None and "/" in softokn:
+        softokn = str(ck.file(t, path, "softokn"))
+    if "check_password_file" in t and "check_password_env" in t:
+        raise ck.fail(
+            (*path, "check_password_env"),
+            "give only one of check_password_file, check_password_env",
+        )
+    pw_file = ck.file(t, path, "check_password_file") if "check_password_file" in t else None
+    return NssSlotConfig(
+        source=NssConfig(str(location), tuple(certs), softokn),
+        check_password_file=pw_file,
+        check_password_env=ck.get(t, path, "check_password_env", str),
+        origin=ck.origin(path),
+    )
+
+
+def load(config: NssSlotConfig, state_dir: Path, now: datetime) -> TokenCard:
+    """The database's card (its start-up checks, and the password check if configured).
+
+    Raises:
+        TokenSourceError: a ``CardLoadError``: database, nicknames, password; one line.
+    """
+    with _SOURCES_LOCK:
+        source = _SOURCES.get(config.source)
+        if source is None:
+            source = _SOURCES[config.source] = NssSource(config.source)
+    try:
+        if not source.alive:
+            source.open()
+        password = read_secret(
+            config.check_password_file, config.check_password_env, "database password"
+        )
+        if password is not None:
+            source.check(password)
+    except TokenSourceError as exc:
+        raise TokenSourceError(f"{config.origin}: {exc}") from None
+    names = ", ".join(config.source.certs)
+    return TokenCard(source, f"NSS database {source.location} ({names})")

@@ -31,11 +31,14 @@ import ctypes
 import enum
 import hashlib
 import logging
+import os
 import secrets
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, Protocol, cast
 
 import pkcs11
 from cryptography import x509
@@ -51,8 +54,10 @@ from usbccid.cac.errors import CardError
 from usbccid.cac.profile import TokenCardProfile, TokenContainer, TokenPinInfo
 from usbccid.cac.rsa_raw import check_input, verify_result
 from usbccid.cac.sw import SW
+from usbccid.card import Card
 from usbccid.cards import _cryptoki
-from usbccid.errors import UsbccidError
+from usbccid.cards.source import CardChange, CardLoadError
+from usbccid.tool.schema import Checker, KeyPath
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ CKF_USER_PIN_LOCKED = 0x00040000
 MEMORY_FAILURE = 0x6581
 
 
-class TokenSourceError(UsbccidError):
+class TokenSourceError(CardLoadError):
     """A token card source cannot be used as configured. One line, for stderr."""
 
 
@@ -104,6 +109,7 @@ class Module:
     def __init__(self, path: str, library_parameters: str | None) -> None:
         self.path = path
         self.library_parameters = library_parameters
+        self.finalized = False
         try:
             self.functions = _cryptoki.load(path)
         except OSError as exc:
@@ -143,6 +149,7 @@ class Module:
         with self._registry_lock:
             if self._loaded.get(self.path) is self:
                 del self._loaded[self.path]
+        self.finalized = True
         self.functions.finalize()
 
     def tokens(self) -> list[pkcs11.Token]:
@@ -344,9 +351,13 @@ class TokenConnection:
     def _handle(self) -> int:
         return int(cast(Any, self.session).handle)
 
+    @property
+    def alive(self) -> bool:
+        return not (self.gone or self.closed or self.module.finalized)
+
     def _alive(self) -> None:
         """Fail fast on a session known dead (removed token, failed search; see ``gone``)."""
-        if self.gone or self.closed:
+        if not self.alive:
             raise CardError(SW.NO_PRECISE_DIAGNOSIS, "token session lost")
 
     def close(self) -> None:
@@ -808,6 +819,20 @@ class Pkcs11Source:
         self.card = card
         return card
 
+    @property
+    def alive(self) -> bool:
+        """There is a card, and its token session still works as far as we know."""
+        return self._connection is not None and self._connection.alive
+
+    @property
+    def profile(self) -> TokenCardProfile | None:
+        """The profile of the card for the token present now (None: no token)."""
+        if self.card is None:
+            return None
+        profile = self.card.profile
+        assert isinstance(profile, TokenCardProfile)
+        return profile
+
     def open(self) -> CacCard:
         """The card for the token present now.
 
@@ -908,3 +933,209 @@ class Pkcs11Source:
                 continue
             events.append(PresenceEvent(action, card))
         return events
+
+
+# --------------------------------------------------------------------------- as a slot's card
+
+
+class _TokenSource(Protocol):
+    @property
+    def profile(self) -> TokenCardProfile | None: ...
+
+    def check(self, pin: str | None = None) -> SourceInfo: ...
+
+
+@dataclass(eq=False)
+class TokenCard:
+    """A token-backed card as a configured slot holds it (a ``LoadedCard``).
+
+    Every insertion gets a fresh :class:`CacCard` on the source's current connection.
+    With a ``poll_interval`` it is also a ``WatchedCard``: the composition root polls
+    it and the slot follows the token out and back in.
+    """
+
+    source: _TokenSource
+    description: str
+    poll_interval: float | None = None
+    ca_file: Path | None = None
+
+    @property
+    def current_pin(self) -> str | None:
+        return None  # the token's own
+
+    def new_card(self) -> Card:
+        profile = self.source.profile
+        if profile is None:
+            raise TokenSourceError(f"{self.description}: token not present")
+        return CacCard(profile)
+
+    def same_card(self, other: object) -> bool:
+        return isinstance(other, TokenCard) and other.source is self.source
+
+    def poll(self) -> list[CardChange]:
+        if not isinstance(self.source, Pkcs11Source):
+            return []
+        changes = {
+            PresenceAction.REMOVE: CardChange.REMOVED,
+            PresenceAction.INSERT: CardChange.INSERTED,
+        }
+        return [changes[e.action] for e in self.source.poll()]
+
+    def info(self) -> SourceInfo:
+        return self.source.check()
+
+
+def read_secret(path: Path | None, env: str | None, what: str) -> str | None:
+    """A PIN or password from a file (first line) or an environment variable."""
+    if path is not None:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise TokenSourceError(f"cannot read {what} file {path}: {exc.strerror}") from None
+        return lines[0] if lines else ""
+    if env is not None:
+        value = os.environ.get(env)
+        if value is None:
+            raise TokenSourceError(f"{what}: environment variable {env} is not set")
+        return value
+    return None
+
+
+TYPE: Final = "pkcs11"
+#: the keys of a pkcs11 slot table, beside the keys every slot has (type, inserted)
+KEYS: Final = (
+    "module",
+    "token_label",
+    "token_serial",
+    "ids",
+    "library_parameters",
+    "check_pin_file",
+    "check_pin_env",
+    "poll_interval",
+)
+DEFAULT_POLL_INTERVAL: Final = 1.0
+
+#: one source object per configuration in this process: a reload, or two readers of
+#: one configuration, share its token session (PKCS#11 login state is per process anyway)
+_SOURCES: dict[Pkcs11Config, Pkcs11Source] = {}
+_SOURCES_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Pkcs11SlotConfig:
+    """``[[reader.slot]] type = "pkcs11"``::
+
+    [[reader.slot]]
+    type = "pkcs11"
+    module = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label = "CAC test"          # or token_serial = "...", or neither: the only token
+    ids = ["01", "02"]                # CKA_ID (hex), in container order; default: all with a key
+    check_pin_file = "/run/secrets/token-pin"   # optional: log in once at start-up to check it
+    poll_interval = 1.0               # seconds between token presence checks; 0: never
+    """
+
+    source: Pkcs11Config
+    check_pin_file: Path | None = None
+    check_pin_env: str | None = None
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    type: str = TYPE
+    origin: str = ""
+
+
+def _module_path(ck: Checker, t: Mapping[str, Any], path: KeyPath, key: str) -> str | None:
+    """A module path: a file (relative to the configuration), or a bare library name."""
+    raw = ck.get(t, path, key, str)
+    if raw is None or "/" not in raw:
+        return raw
+    return str(ck.file(t, path, key))
+
+
+def _secret_keys(
+    ck: Checker, t: Mapping[str, Any], path: KeyPath, file_key: str, env_key: str
+) -> tuple[Path | None, str | None]:
+    if file_key in t and env_key in t:
+        raise ck.fail((*path, env_key), f"give only one of {file_key}, {env_key}")
+    secret_file = ck.file(t, path, file_key) if file_key in t else None
+    secret_env: str | None = ck.get(t, path, env_key, str)
+    return secret_file, secret_env
+
+
+def parse(ck: Checker, t: Mapping[str, Any], path: KeyPath) -> Pkcs11SlotConfig:
+    """The card of the pkcs11 slot table ``t`` (at ``path``)."""
+    module = _module_path(ck, t, path, "module")
+    if module is None:
+        raise ck.fail(path, "missing key 'module' (the PKCS#11 module's path)")
+    ids = None
+    raw_ids = ck.get(t, path, "ids", list)
+    if raw_ids is not None:
+        parsed = []
+        for i, raw in enumerate(raw_ids):
+            where = (*path, "ids", i)
+            if not isinstance(raw, str):
+                raise ck.fail(where, "expected a CKA_ID in hexadecimal (a string)")
+            try:
+                value = bytes.fromhex(raw)
+            except ValueError:
+                raise ck.fail(where, f"not hexadecimal: {raw!r}") from None
+            if not value:
+                raise ck.fail(where, "an empty CKA_ID")
+            parsed.append(value)
+        if not 1 <= len(parsed) <= MAX_PKI_CONTAINERS:
+            raise ck.fail((*path, "ids"), f"1 to {MAX_PKI_CONTAINERS} ids")
+        if len(set(parsed)) != len(parsed):
+            raise ck.fail((*path, "ids"), "an id is listed twice")
+        ids = tuple(parsed)
+    pin_file, pin_env = _secret_keys(ck, t, path, "check_pin_file", "check_pin_env")
+    interval: float = ck.get(t, path, "poll_interval", (int, float), DEFAULT_POLL_INTERVAL)
+    if not 0 <= interval <= 3600:
+        raise ck.fail((*path, "poll_interval"), "0 (never) to 3600 seconds")
+    source = Pkcs11Config(
+        module=module,
+        token=TokenSelector(
+            label=ck.get(t, path, "token_label", str), serial=ck.get(t, path, "token_serial", str)
+        ),
+        ids=ids,
+        library_parameters=ck.get(t, path, "library_parameters", str),
+    )
+    return Pkcs11SlotConfig(
+        source=source,
+        check_pin_file=pin_file,
+        check_pin_env=pin_env,
+        poll_interval=float(interval),
+        origin=ck.origin(path),
+    )
+
+
+def shared_source(config: Pkcs11Config) -> Pkcs11Source:
+    with _SOURCES_LOCK:
+        source = _SOURCES.get(config)
+        if source is None:
+            source = _SOURCES[config] = Pkcs11Source(config)
+        return source
+
+
+def load(config: Pkcs11SlotConfig, state_dir: Path, now: datetime) -> TokenCard:
+    """The token's card (its start-up checks, and the PIN check if configured).
+
+    Raises:
+        TokenSourceError: a ``CardLoadError``: module, token, certificates, PIN; one line.
+    """
+    source = shared_source(config.source)
+    try:
+        if not source.alive:
+            source.open()
+        pin = read_secret(config.check_pin_file, config.check_pin_env, "token PIN")
+        if pin is not None:
+            source.check(pin)
+    except TokenSourceError as exc:
+        raise TokenSourceError(f"{config.origin}: {exc}") from None
+    profile = source.profile
+    assert profile is not None
+    token = source.config.token
+    what = token.label or token.serial or "token"
+    n = len(profile.containers)
+    return TokenCard(
+        source,
+        f"PKCS#11 token {what!r} ({n} container{'s' * (n != 1)})",
+        config.poll_interval or None,
+    )
