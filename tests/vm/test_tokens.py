@@ -1,7 +1,8 @@
 """Token-backed cards with the real Linux stack in the guest (usbip attach, pcscd, OpenSC).
 
-The host serves three readers from this test process (``usbccid.server.ServerThread``,
-QEMU's user network reaches it as 10.0.2.2), each holding a card whose keys never leave
+The host runs the server (the App of ``usbccid serve``, from a configuration file with
+``type = "pkcs11"`` and ``type = "nss"`` slots) in this test process, which QEMU's user
+network reaches as 10.0.2.2: three readers, each holding a card whose keys never leave
 their store:
 
 ======  =====================================================  ============================
@@ -24,7 +25,6 @@ token (never against anything the guest says about them).
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from collections.abc import Iterator
@@ -45,20 +45,11 @@ from tests.cards.conftest import (
     new_ca,
 )
 from tests.vm.guest import HOST, Guest, Result
-from usbccid.cac.card import CacCard
 from usbccid.cac.profile import TokenCardProfile
 from usbccid.cards.nss import LIBRARY_PARAMETERS, DbLocation, NssConfig, NssSource, Softokn
-from usbccid.cards.pkcs11 import (
-    Pkcs11Config,
-    Pkcs11Source,
-    PresenceAction,
-    TokenSelector,
-)
-from usbccid.ccid import CcidReader
-from usbccid.ccid.identity import make_identity
-from usbccid.frontends.usbip.server import ServerThread
-from usbccid.usbip.device import VirtualDevice
-from usbccid.usbip.exporter import Exporter
+from usbccid.cards.pkcs11 import TokenCard
+from usbccid.testing import UsbccidServer, usbccid_server
+from usbccid.tool.config import load_config
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -71,19 +62,18 @@ emit() { printf '@@%s=%s\n' "$1" "$2"; }
 
 @dataclass
 class TokenServer:
-    thread: ServerThread
-    port: int
-    readers: dict[str, CcidReader]
-    cards: dict[str, CacCard]  # as first inserted (the certificates stay the same)
+    server: UsbccidServer
+    cards: dict[str, TokenCardProfile]  # as first inserted (the certificates stay the same)
     hsm: SoftHsm
     db: NssDb
-    removable: Pkcs11Source
-    location: DbLocation
+    location: DbLocation  # the database behind reader 1-3's token
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     def certificate(self, reader: str, index: int) -> x509.Certificate:
-        profile = self.cards[reader].profile
-        assert isinstance(profile, TokenCardProfile)
-        return profile.containers[index].certificate
+        return self.cards[reader].containers[index].certificate
 
     def public_key(self, reader: str, index: int) -> rsa.RSAPublicKey:
         key = self.certificate(reader, index).public_key()
@@ -97,25 +87,12 @@ class TokenServer:
             " || exit 91\n"
         )
 
-    def poll(self) -> list[str]:
-        """The shell's presence poll for reader 1-3: poll off the loop, apply on it."""
-        reader = self.readers["softokn"]
-        events = self.removable.poll()
-        for event in events:
-            if event.action is PresenceAction.REMOVE:
-                self.thread.call(lambda: reader.remove(0))
-            else:
-                card = event.card
-                assert card is not None
-                self.thread.call(functools.partial(reader.insert, 0, card))
-        return [e.action.name for e in events]
-
 
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServer]:
     base = tmp_path_factory.mktemp("tokens")
-    test_ca = new_ca()
-    hsm = make_softhsm(base / "softhsm", test_ca)
+    ca = new_ca()
+    hsm = make_softhsm(base / "softhsm", ca)
     hsm.add_key("01", 2048, "id")
     # Key 02: the token lists CKM_RSA_X_509 but refuses it for this key.
     hsm.tool(
@@ -127,44 +104,61 @@ def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServ
     hsm.tool("--read-object", "--type", "pubkey", "--id", "02", "-o", str(der))
     pub = serialization.load_der_public_key(der.read_bytes())
     assert isinstance(pub, rsa.RSAPublicKey)
-    hsm.add_certificate("02", "sign", test_ca.issue(pub, "TOKEN.sign"))
+    hsm.add_certificate("02", "sign", ca.issue(pub, "TOKEN.sign"))
     old_conf = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
-    db = make_nss_db(base / "nssdb", test_ca)
-    second = make_nss_db(base / "removable", test_ca, password="remove1")
+    db = make_nss_db(base / "nssdb", ca)
+    second = make_nss_db(base / "removable", ca, password="remove1")
     softokn = Softokn()
     location = DbLocation.parse(second.db)
     token = softokn.open_database(location)
-    ids = tuple(c.key_id for c in NssSource(NssConfig(second.db, ("cert1",))).check().containers)
-    removable = Pkcs11Source(
-        Pkcs11Config(
-            softokn.path,
-            TokenSelector(label=token.label.strip()),
-            ids=ids,
-            library_parameters=LIBRARY_PARAMETERS,
-        )
+    ids = NssSource(NssConfig(second.db, ("cert1",))).check().containers[0].key_id.hex()
+    # What `usbccid serve --config` would read; the App runs in this process, so that the
+    # test can close and reopen reader 1-3's database (its token) in the server's softokn.
+    (base / "usbccid.toml").write_text(
+        f"""
+[server]
+host = "127.0.0.1"
+port = 0
+
+[[reader]]
+name = "softhsm"
+identity = "vmware"
+  [[reader.slot]]
+  type = "pkcs11"
+  module = "{SOFTHSM_MODULE}"
+  token_label = "{hsm.label}"
+
+[[reader]]
+name = "nss"
+identity = "vmware"
+  [[reader.slot]]
+  type = "nss"
+  db = "{db.db}"
+  certs = ["cert1", "cert2", "cert3"]
+
+[[reader]]
+name = "softokn"
+identity = "vmware"
+  [[reader.slot]]
+  type = "pkcs11"
+  module = "{softokn.path}"
+  token_label = "{token.label.strip()}"
+  library_parameters = "{LIBRARY_PARAMETERS}"
+  ids = ["{ids}"]
+  poll_interval = 0.5
+"""
     )
-    cards = {
-        "softhsm": Pkcs11Source(
-            Pkcs11Config(SOFTHSM_MODULE, TokenSelector(label=hsm.label))
-        ).open(),
-        "nss": NssSource(NssConfig(db.db, tuple(db.nicknames))).open(),
-        "softokn": removable.open(),
-    }
-    readers = {
-        name: CcidReader(
-            slots=[card], identity=make_identity("vmware"), interface_name=f"usbccid {name}"
-        )
-        for name, card in cards.items()
-    }
-    thread = ServerThread(
-        Exporter([VirtualDevice(r.identity, r) for r in readers.values()]), host="127.0.0.1"
-    )
-    _, port = thread.start()
     try:
-        yield TokenServer(thread, port, readers, cards, hsm, db, removable, location)
+        with usbccid_server(load_config(base / "usbccid.toml"), state_dir=base / "state") as srv:
+            cards = {}
+            for r in srv.app.readers:
+                loaded = r.slots[0].card
+                assert isinstance(loaded, TokenCard)
+                assert loaded.source.profile is not None
+                cards[r.config.name] = loaded.source.profile
+            yield TokenServer(srv, cards, hsm, db, location)
     finally:
-        thread.stop()
         finalize_module(SOFTHSM_MODULE)
         if old_conf is None:
             os.environ.pop("SOFTHSM2_CONF", None)
@@ -280,7 +274,8 @@ emit wrong "$(pkcs11-tool --login --pin 99999999 -O 2>&1 >/dev/null | grep -o 'C
 
 
 def test_token_removal_and_return(vm_guest: Guest, token_server: TokenServer) -> None:
-    """The token leaves its slot: the guest's card goes; it comes back: a new card."""
+    """The token leaves its slot: the server's watcher removes the card, pcscd sees it go;
+    the token comes back: a new card, and OpenSC signs with it."""
     s = token_server
     card_in = 'opensc-tool -l 2>/dev/null | grep -q "Yes .*usbccid softokn]"'
     r, v = _run(
@@ -291,11 +286,9 @@ def test_token_removal_and_return(vm_guest: Guest, token_server: TokenServer) ->
     assert v.get("before") == "0", r
     softokn = Softokn()
     softokn.close_database(s.location)
-    assert s.poll() == ["REMOVE"]
     r, v = _run(vm_guest, f"wait-for 60 sh -c '! {card_in}'; emit gone $?\n")
     assert v.get("gone") == "0", r
     softokn.open_database(s.location)
-    assert s.poll() == ["INSERT"]
     message = b"signed after the token came back"
     msg = vm_guest.put_file("back-msg.bin", message)
     r, v = _run(
@@ -308,3 +301,5 @@ def test_token_removal_and_return(vm_guest: Guest, token_server: TokenServer) ->
     s.public_key("softokn", 0).verify(
         bytes.fromhex(v["sig"]), message, padding.PKCS1v15(), hashes.SHA256()
     )
+    counters = s.server.call(s.server.app.status).readers[2].counters
+    assert (counters.get("removals"), counters.get("insertions")) == (1, 2), counters
