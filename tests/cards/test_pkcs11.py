@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pkcs11 import Attribute, ObjectClass
 
 from tests.cac.helpers import PKI0, PKI1, PKI2, Session, h
@@ -312,3 +314,65 @@ def test_connection_is_a_token_login(hsm: SoftHsm) -> None:
     profile = card.profile
     assert isinstance(profile, TokenCardProfile)
     assert isinstance(profile.login, TokenConnection)
+
+
+GARBAGE_INS = [0x42, 0x20, 0x24, 0x2C, 0xA4, 0xC0, 0x52, 0x56, 0x84]
+
+
+def _garbage(card: CacCard, pin: bytes, commands: list[tuple[int, int, int, bytes]]) -> None:
+    card.power_on()
+    card.transmit(bytes.fromhex("00 A4 04 0C 07 A0 00 00 00 79 01 00"))
+    card.transmit(b"\x00\x20\x00\x00\x08" + pin.ljust(8, b"\xff"))
+    for ins, p1, p2, data in commands:
+        body = bytes((len(data),)) + data if data else b""
+        response = card.transmit(bytes((0x00, ins, p1, p2)) + body)
+        assert isinstance(response, bytes)
+        assert len(response) >= 2
+
+
+_COMMANDS = st.lists(
+    st.tuples(
+        st.sampled_from(GARBAGE_INS),
+        st.sampled_from([0x00, 0x80, 0xFF, 0x01]),
+        st.sampled_from([0x00, 0x01]),
+        st.one_of(st.binary(max_size=255), st.binary(min_size=240, max_size=240)),
+    ),
+    max_size=6,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(commands=_COMMANDS)
+def test_token_card_garbage_only_gets_status_words(
+    hsm: SoftHsm, commands: list[tuple[int, int, int, bytes]]
+) -> None:
+    """Nothing the host sends makes a token call raise out of the card (CardJob would
+    report a hardware error): every failure is a status word."""
+    card = _garbage_card(hsm)
+    _garbage(card, hsm.pin.encode(), commands)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(commands=_COMMANDS)
+def test_token_card_without_raw_rsa_garbage(
+    hsm_no_raw: SoftHsm, commands: list[tuple[int, int, int, bytes]]
+) -> None:
+    _garbage(_garbage_card(hsm_no_raw), hsm_no_raw.pin.encode(), commands)
+
+
+_CARDS: dict[str, CacCard] = {}
+
+
+def _garbage_card(hsm: SoftHsm) -> CacCard:
+    """One card per token for all examples (a fresh CacCard each, the same session)."""
+    key = str(hsm.conf)
+    if key not in _CARDS:
+        _CARDS.clear()
+        _CARDS[key] = source_for(hsm).open()
+    profile = _CARDS[key].profile
+    assert isinstance(profile, TokenCardProfile)
+    return CacCard(profile)
