@@ -43,7 +43,9 @@ class FakeToken:
     calls: list[str] = field(default_factory=list)
 
     def pin_info(self) -> TokenPinInfo:
-        return TokenPinInfo(self.login_required, self.count_low, self.final_try, self.locked)
+        return TokenPinInfo(
+            self.login_required, self.count_low, self.final_try, self.locked, self.logged_in
+        )
 
     def login(self, pin: bytes) -> bool:
         self.calls.append("login")
@@ -206,9 +208,10 @@ def test_sign_uses_the_handle_and_needs_login(token: FakeToken) -> None:
     keys[1].public_key().verify(r.data, b"hello", padding.PKCS1v15(), hashes.SHA256())
     assert [k.operations for k in keys] == [0, 1, 0]
     # The token logged out behind the card's back (e.g. another login elsewhere): the
-    # handle's own error reaches the host.
+    # handle's own error reaches the host, and the status query no longer says 90 00.
     token.logged_in = False
     assert s.rsa(block).sw == 0x6982
+    assert s.sw("00 20 00 00") == 0x63C3
 
 
 def test_pin_management_is_not_the_cards(token: FakeToken) -> None:

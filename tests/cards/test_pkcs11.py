@@ -376,3 +376,22 @@ def _garbage_card(hsm: SoftHsm) -> CacCard:
     profile = _CARDS[key].profile
     assert isinstance(profile, TokenCardProfile)
     return CacCard(profile)
+
+
+def test_a_login_elsewhere_never_lets_a_wrong_pin_in(hsm: SoftHsm) -> None:
+    """PKCS#11 login state is per process: with the token already logged in (another card
+    on it), C_Login answers CKR_USER_ALREADY_LOGGED_IN without checking the PIN."""
+    a, b = open_card(hsm), open_card(hsm)
+    conn_a, conn_b = (containers(c)[0].key.connection for c in (a, b))  # type: ignore[attr-defined]
+    assert conn_a is not conn_b
+    assert conn_a.login(hsm.pin.encode())
+    assert not conn_b.login(b"99999999")  # not "already logged in": logged out, then refused
+    sa, sb = Session(a), Session(b)
+    assert sa.verify(hsm.pin.encode()) == 0x9000
+    assert sb.verify(b"99999999") == 0x63C2
+    # The shared login: b's VERIFY logged the token out for a too (libcacard: the same);
+    # a's card says so (69 82 asks the host to verify again, its status query 63 Cx).
+    assert sign_and_check(sa, a, 0, b"a") == 0x6982
+    assert sa.sw("00 20 00 00") == 0x63C2
+    assert sa.verify(hsm.pin.encode()) == 0x9000
+    assert sign_and_check(sa, a, 0, b"a") == 0x9000

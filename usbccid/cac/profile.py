@@ -77,6 +77,7 @@ class TokenPinInfo:
     count_low: bool = False  # CKF_USER_PIN_COUNT_LOW: a wrong PIN since the last login
     final_try: bool = False  # CKF_USER_PIN_FINAL_TRY
     locked: bool = False  # CKF_USER_PIN_LOCKED
+    logged_in: bool | None = None  # the token's user is logged in now (None: unknown)
 
 
 class TokenLogin(Protocol):

@@ -11,8 +11,9 @@ loaded library (``dlopen`` returns one instance per process):
   CKR_ARGUMENTS_BAD). We pass ``CKF_OS_LOCKING_OK`` and, for softokn, its
   ``LibraryParameters`` string (NSS ``CK_NSS_C_INITIALIZE_ARGS``, lib/util/pkcs11n.h: one
   pointer more than the standard struct, where the standard one has ``pReserved``).
-* ``C_Login`` / ``C_Logout`` on a session we keep: python-pkcs11 logs in only while
-  opening a new session and leaks that session when the PIN is wrong.
+* ``C_Login`` / ``C_Logout`` / ``C_GetSessionInfo`` on a session we keep: python-pkcs11
+  logs in only while opening a new session (and leaks that session when the PIN is
+  wrong), and does not say whether a session is logged in.
 * ``C_CreateObject`` of softokn's pseudo-objects ``CKO_NSS_NEWSLOT`` / ``CKO_NSS_DELSLOT``
   (how NSS opens another database as a new slot, pk11util.c ``SECMOD_OpenNewSlot``):
   softokn returns no object handle for them, which python-pkcs11 cannot cope with.
@@ -100,6 +101,19 @@ class _InitArgs(ctypes.Structure):
     )
 
 
+class _SessionInfo(ctypes.Structure):
+    _fields_ = (
+        ("slotID", CK_ULONG),
+        ("state", CK_ULONG),
+        ("flags", CK_ULONG),
+        ("ulDeviceError", CK_ULONG),
+    )
+
+
+#: CK_SESSION_INFO.state values with a user logged in (v2.40 §5.7, Table 9).
+CKS_USER_STATES = frozenset({1, 3})  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
+
+
 class _Attribute(ctypes.Structure):
     _fields_ = (("type", CK_ULONG), ("pValue", ctypes.c_void_p), ("ulValueLen", CK_ULONG))
 
@@ -109,6 +123,7 @@ _Initialize = ctypes.CFUNCTYPE(CK_RV, _P)
 _Finalize = ctypes.CFUNCTYPE(CK_RV, _P)
 _Login = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, ctypes.c_char_p, CK_ULONG)
 _Logout = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
+_GetSessionInfo = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(_SessionInfo))
 _CreateObject = ctypes.CFUNCTYPE(
     CK_RV, CK_ULONG, ctypes.POINTER(_Attribute), CK_ULONG, ctypes.POINTER(CK_ULONG)
 )
@@ -182,6 +197,14 @@ class FunctionList:
 
     def logout(self, session: int) -> int:
         return int(_Logout(self._fn("C_Logout"))(session))
+
+    def user_logged_in(self, session: int) -> bool:
+        """C_GetSessionInfo: is the token's user logged in (for this application)?"""
+        info = _SessionInfo()
+        rv = _GetSessionInfo(self._fn("C_GetSessionInfo"))(session, ctypes.byref(info))
+        if rv != CKR_OK:
+            raise CryptokiError("C_GetSessionInfo", rv)
+        return int(info.state) in CKS_USER_STATES
 
     def create_pseudo_object(self, session: int, attributes: list[tuple[int, bytes]]) -> None:
         """C_CreateObject for an object that gets no handle (softokn's NEWSLOT/DELSLOT)."""

@@ -454,11 +454,12 @@ def load(config: NssSlotConfig, state_dir: Path, now: datetime) -> TokenCard:
     try:
         if not source.alive:
             source.open()
-        password = read_secret(
-            config.check_password_file, config.check_password_env, "database password"
-        )
-        if password is not None:
-            source.check(password)
+            # Checked when the card is made only (the check logs the database out).
+            password = read_secret(
+                config.check_password_file, config.check_password_env, "database password"
+            )
+            if password is not None:
+                source.check(password)
     except TokenSourceError as exc:
         raise TokenSourceError(f"{config.origin}: {exc}") from None
     names = ", ".join(config.source.certs)

@@ -67,6 +67,7 @@ CKF_TOKEN_INITIALIZED = 0x00000400
 CKF_USER_PIN_COUNT_LOW = 0x00010000
 CKF_USER_PIN_FINAL_TRY = 0x00020000
 CKF_USER_PIN_LOCKED = 0x00040000
+CKR_USER_ALREADY_LOGGED_IN = 0x100
 
 MEMORY_FAILURE = 0x6581
 
@@ -383,6 +384,7 @@ class TokenConnection:
                 count_low=bool(flags & CKF_USER_PIN_COUNT_LOW),
                 final_try=bool(flags & CKF_USER_PIN_FINAL_TRY),
                 locked=bool(flags & CKF_USER_PIN_LOCKED),
+                logged_in=self._user_logged_in(),
             )
 
     def login(self, pin: bytes) -> bool:
@@ -391,7 +393,15 @@ class TokenConnection:
             self._keys.clear()
             self.logged_in = False
             rv = self.module.functions.login(self._handle(), pin)
-            if rv in (_cryptoki.CKR_OK, 0x100):  # OK, USER_ALREADY_LOGGED_IN
+            if rv == CKR_USER_ALREADY_LOGGED_IN:
+                # Someone else in this process logged the token in (the login state is
+                # per application, not per session): C_Login did not check this PIN.
+                # Log out and try once more, so that a wrong PIN is never accepted.
+                self.module.functions.logout(self._handle())
+                rv = self.module.functions.login(self._handle(), pin)
+                if rv == CKR_USER_ALREADY_LOGGED_IN:
+                    raise CardError(SW.CONDITIONS_NOT_SATISFIED, "token: another login in the way")
+            if rv == _cryptoki.CKR_OK:
                 self.logins += 1
                 self.logged_in = True
                 return True
@@ -405,6 +415,12 @@ class TokenConnection:
             if rv in _LOGIN_GONE:
                 self.gone = True
             raise CardError(SW.NO_PRECISE_DIAGNOSIS, f"token: C_Login: {name}")
+
+    def _user_logged_in(self) -> bool:
+        try:
+            return self.module.functions.user_logged_in(self._handle())
+        except _cryptoki.CryptokiError:
+            return self.logged_in
 
     def logout(self) -> None:
         with self.lock:
@@ -442,8 +458,9 @@ class TokenConnection:
             raise _card_error(exc, "token: finding the key") from None
         if key is None:
             # Private keys are invisible until login (CKA_PRIVATE): say "verify first"
-            # when that may be why, else the key is missing.
-            if not self.logged_in and self.pin_info().login_required:
+            # when that may be why (the token may also have been logged out behind our
+            # back: the login is shared by every session of the process), else it is missing.
+            if not self._user_logged_in() and self.pin_info().login_required:
                 raise CardError(SW.SECURITY_STATUS_NOT_SATISFIED, "token: no key before login")
             raise CardError(SW.REFERENCED_DATA_NOT_FOUND, f"token: no private key {key_id.hex()}")
         self._keys[key_id] = key
@@ -1124,9 +1141,11 @@ def load(config: Pkcs11SlotConfig, state_dir: Path, now: datetime) -> TokenCard:
     try:
         if not source.alive:
             source.open()
-        pin = read_secret(config.check_pin_file, config.check_pin_env, "token PIN")
-        if pin is not None:
-            source.check(pin)
+            # Checked when the card is (re)made only: the check logs the token out, which
+            # would end the host's login to a card already in use (a reload).
+            pin = read_secret(config.check_pin_file, config.check_pin_env, "token PIN")
+            if pin is not None:
+                source.check(pin)
     except TokenSourceError as exc:
         raise TokenSourceError(f"{config.origin}: {exc}") from None
     profile = source.profile

@@ -295,11 +295,13 @@ class TokenPinService:
         if apdu.p1 != 0x00:
             raise CardError(SW.INCORRECT_P1P2)
         if not apdu.data:
-            if self._verified:
-                return b""
             info = self._login.pin_info()
             if not info.login_required:
                 self._verified = True
+                return b""
+            if info.logged_in is False:
+                self._verified = False  # logged out behind the card's back (a shared login)
+            if self._verified:
                 return b""
             raise CardError(token_pin_sw(info))
         if len(apdu.data) > TOKEN_PIN_MAX_LEN:
