@@ -16,11 +16,12 @@ own the event loop; ``usbccid.testing`` runs it inside a test process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import IO, Any
 from usbccid import __version__
 from usbccid.card import Card
 from usbccid.cards.registry import CardSourceConfig, load_card
-from usbccid.cards.source import LoadedCard
+from usbccid.cards.source import CardChange, LoadedCard, WatchedCard
 from usbccid.cards.store import StateError
 from usbccid.errors import UsbccidError
 from usbccid.frontends.base import FrontendError, FrontendReader
@@ -50,6 +51,10 @@ from usbccid.usbip.device import VirtualDevice
 from usbccid.usbip.function import DeviceIdentity, UsbFunction
 
 log = logging.getLogger(__name__)
+
+
+#: How often the token watcher wakes up (each card's own poll_interval decides its polls).
+WATCH_TICK = 0.25
 
 
 class AppError(UsbccidError):
@@ -96,6 +101,7 @@ class App:
         self._pcap: UsbPcapWriter | None = None
         self._pcap_file: IO[bytes] | None = None
         self._control: ControlServer | None = None
+        self._watches: list[asyncio.Task[None]] = []
         _ensure_dir(self.state_dir)
         self.usbip = UsbipFrontend(config, self._make_device)
         self.readers = self._build()
@@ -161,7 +167,11 @@ class App:
             raise ControlError(f"reader {r.config.name} slot {index} is configured empty")
         if slot.inserted:
             return
-        r.reader.insert(index, self._card(r, index, slot.card))
+        try:
+            card = self._card(r, index, slot.card)
+        except UsbccidError as exc:  # a token card whose token is not there
+            raise ControlError(str(exc)) from None
+        r.reader.insert(index, card)
         slot.inserted = True
         r.counters["insertions"] = r.counters.get("insertions", 0) + 1
 
@@ -191,8 +201,49 @@ class App:
             await control.close()
             raise AppError(str(exc)) from None
         self._control = control
+        self._watches.append(asyncio.create_task(self._watch()))
         assert self.usbip.address is not None
         return self.usbip.address
+
+    async def _watch(self) -> None:
+        """Follow watched cards (tokens) out of their slots and back in.
+
+        Each slot holding a :class:`WatchedCard` is polled every ``poll_interval`` seconds;
+        the poll is token I/O, so it runs on a worker thread, and the slot changes on the
+        loop. The slots' cards are read afresh each round, so a reload's cards are watched.
+        """
+        due: dict[tuple[int, int], float] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WATCH_TICK)
+            for ri, r in enumerate(self.readers):
+                for index, slot in enumerate(r.slots):
+                    loaded = slot.card
+                    if not isinstance(loaded, WatchedCard) or loaded.poll_interval is None:
+                        continue
+                    if loop.time() < due.get((ri, index), 0.0):
+                        continue
+                    due[ri, index] = loop.time() + loaded.poll_interval
+                    try:
+                        changes = await asyncio.to_thread(loaded.poll)
+                    except Exception:
+                        log.exception("reader %s slot %d: token poll failed", r.config.name, index)
+                        continue
+                    if r.slots[index].card is loaded:  # not reloaded meanwhile
+                        self._follow(r, index, changes)
+
+    def _follow(self, r: _Reader, index: int, changes: Sequence[CardChange]) -> None:
+        for change in changes:
+            log.info("reader %s slot %d: token %s", r.config.name, index, change.value)
+            if change is CardChange.REMOVED:
+                self._remove(r, index)
+                continue
+            try:
+                self._insert(r, index)
+            except ControlError as exc:
+                log.warning("reader %s slot %d: %s", r.config.name, index, exc)
+        if changes:
+            self.poke()
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -203,6 +254,12 @@ class App:
         return self._control.path if self._control is not None else None
 
     async def close(self) -> None:
+        for task in self._watches:
+            task.cancel()
+        for task in self._watches:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watches.clear()
         if self._control is not None:
             await self._control.close()
         await self.usbip.close()
@@ -333,8 +390,10 @@ class App:
                     lines.append(f"  slot {index}: empty")
                     continue
                 where = "inserted" if slot.inserted else "removed"
+                pin = slot.card.current_pin
                 lines.append(
-                    f"  slot {index}: {slot.card.description}, {where}, PIN {slot.card.current_pin}"
+                    f"  slot {index}: {slot.card.description}, {where}, "
+                    + (f"PIN {pin}" if pin is not None else "PIN: the token's")
                 )
                 if slot.card.ca_file is not None:
                     lines.append(f"    test CA certificate: {slot.card.ca_file}")
