@@ -251,7 +251,7 @@ class VpcdFrontend:
                 await self._task
             self._task = None
         link, self._link = self._link, None
-        if link is not None:
+        if link is not None and not link.closed.done():
             link.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(link.closed), 5)
@@ -307,7 +307,7 @@ class VpcdFrontend:
                 continue
             if self._card is not card:  # removed (or swapped) while connecting
                 link.close()
-                await link.closed
+                await asyncio.shield(link.closed)
                 continue
             self._link = link
             self._connections += 1
@@ -316,7 +316,7 @@ class VpcdFrontend:
                 if not waiter.done():
                     waiter.set_result(None)
             started = loop.time()
-            await link.closed
+            await asyncio.shield(link.closed)  # cancelling us must not cancel it
             self._link = None
             self._last_error = link.conn.close_reason
             log.info("vpcd %s (%s): disconnected: %s", self.address, self.name, self._last_error)
