@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -255,3 +256,51 @@ def test_nothing_listening_is_not_an_error_at_start() -> None:
         await front.close()
 
     run(test)
+
+
+def test_a_bug_below_the_shell_closes_that_connection_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Anything but a VpcdError escaping the connection is a bug: logged with its
+    traceback, the connection closed, and the card connects again."""
+
+    class Flaky:
+        """An EchoCard whose first ``blocking`` lookup raises."""
+
+        def __init__(self) -> None:
+            self.card = EchoCard()
+            self.calls = 0
+
+        @property
+        def blocking(self) -> bool:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("bug")
+            return False
+
+        def power_on(self) -> bytes:
+            return self.card.power_on()
+
+        def power_off(self) -> None:
+            self.card.power_off()
+
+        def transmit(self, command: bytes) -> bytes:
+            return self.card.transmit(command)
+
+    async def test() -> None:
+        vpcd = FakeVpcd()
+        port = await vpcd.start()
+        front = VpcdFrontend(port=port, card=Flaky(), backoff_initial=0.05)
+        await front.start()
+        peer = await vpcd.card()
+        await peer.send(GetAtr())
+        assert await peer.closed()
+        assert "internal error" in (front.status().last_error or "")
+        peer = await vpcd.card()
+        assert await peer.ask(GetAtr()) == DEFAULT_ATR
+        await front.close()
+        await vpcd.stop()
+
+    with caplog.at_level(logging.ERROR):
+        run(test)
+    assert "RuntimeError: bug" in caplog.text

@@ -255,10 +255,10 @@ class VpcdConnection:
         Card work already handed out finishes, but its result is dropped."""
         self._apply(Input.REMOVE, "card removed")
 
-    def connection_lost(self) -> None:
+    def connection_lost(self, reason: str = "connection lost") -> None:
         """The socket is gone (the driver saw an error or closed it)."""
         if self._state is not State.CLOSED:
-            self._apply(Input.EOF, "connection lost")
+            self._apply(Input.EOF, reason)
 
     # ---------------------------------------------------------------- output
 

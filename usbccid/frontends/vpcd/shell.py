@@ -95,9 +95,7 @@ class _Link(asyncio.Protocol):
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None and self.conn.close_reason is None:
-            self.conn.close_reason = str(exc)
-        self.conn.connection_lost()
+        self.conn.connection_lost(str(exc) if exc is not None else "connection lost")
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -108,9 +106,9 @@ class _Link(asyncio.Protocol):
         try:
             call(*args)
             self.flush()
-        except Exception:
+        except Exception as e:
             log.exception("vpcd %s: internal error, closing", self.frontend.address)
-            self.conn.close_reason = self.conn.close_reason or "internal error"
+            self.conn.connection_lost(f"internal error: {e!r}")
             self.close()
 
     def flush(self) -> None:
