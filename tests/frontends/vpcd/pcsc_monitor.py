@@ -3,7 +3,8 @@
 Run under Debian's Python, which has python3-pyscard: ``/usr/bin/python3 pcsc_monitor.py``.
 One line per presence change: ``{"t": monotonic seconds, "reader": name, "present": bool,
 "atr": hex}``, taken the moment SCardGetStatusChange returns. pcscd restarts are ridden
-out (a new context). Exits when its stdin closes, so it never outlives the test.
+out (a new context, after which every reader is reported again). Exits when its stdin
+closes, so it never outlives the test.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main() -> None:
                     line = {"t": now, "reader": reader, "present": present, "atr": bytes(atr).hex()}
                     print(json.dumps(line), flush=True)
         scard.SCardReleaseContext(context)
+        known.clear()  # a new pcscd: report every reader afresh
         time.sleep(0.1)
 
 

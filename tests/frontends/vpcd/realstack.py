@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import shutil
 import signal
 import socket
@@ -215,7 +214,8 @@ class Monitor:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
-        self.events: queue.Queue[ReaderEvent] = queue.Queue()
+        self.latest: dict[str, ReaderEvent] = {}  # the newest event of each reader
+        self._changed = threading.Condition()
         assert self.proc.stdout is not None
         self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
         self._reader.start()
@@ -223,27 +223,28 @@ class Monitor:
     def _read(self, stream: IO[bytes]) -> None:
         for line in stream:
             item = json.loads(line)
-            self.events.put(
-                ReaderEvent(item["t"], item["reader"], item["present"], bytes.fromhex(item["atr"]))
+            event = ReaderEvent(
+                item["t"], item["reader"], item["present"], bytes.fromhex(item["atr"])
             )
+            with self._changed:
+                self.latest[event.reader] = event
+                self._changed.notify_all()
 
-    def wait_for(self, reader: str, present: bool, timeout: float = 10) -> ReaderEvent:
-        """The first event for ``reader`` with that presence (earlier ones are dropped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {'insertion' if present else 'removal'} in {reader}")
-            try:
-                event = self.events.get(timeout=left)
-            except queue.Empty:
-                continue
-            if event.reader == reader and event.present == present:
-                return event
+    def wait_for(
+        self, reader: str, present: bool, *, after: float = 0.0, timeout: float = 10
+    ) -> ReaderEvent:
+        """The newest event of ``reader`` once it has that presence and happened at or
+        after ``after`` (a time.monotonic() value)."""
 
-    def drain(self) -> None:
-        while not self.events.empty():
-            self.events.get_nowait()
+        def seen() -> bool:
+            event = self.latest.get(reader)
+            return event is not None and event.present == present and event.t >= after
+
+        with self._changed:
+            if not self._changed.wait_for(seen, timeout):
+                what = "insertion" if present else "removal"
+                raise AssertionError(f"no {what} in {reader} within {timeout} s")
+            return self.latest[reader]
 
     def close(self) -> None:
         if self.proc.stdin is not None:

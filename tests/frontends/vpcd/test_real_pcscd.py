@@ -199,15 +199,14 @@ def test_a_wrong_pin_gives_ckr_pin_incorrect(stack: Stack) -> None:
 def test_removal_and_insertion_reach_pcscd(stack: Stack, record_property: object) -> None:
     """pcscd polls vpcd's presence every 400 ms (PCSCLITE_STATUS_POLL_RATE); removal is a
     closed connection, insertion a new one."""
-    stack.monitor.drain()
     removed_at = time.monotonic()
     card = stack.loop.call(stack.slot0.remove)
     assert card is not None
-    gone = stack.monitor.wait_for(READER0, False)
+    gone = stack.monitor.wait_for(READER0, False, after=removed_at)
     assert stack.pcscd.run("opensc-tool", "--reader", "0", "--name", check=False).returncode != 0
     inserted_at = time.monotonic()
     stack.loop.call(lambda: stack.slot0.insert(card))
-    back = stack.monitor.wait_for(READER0, True)
+    back = stack.monitor.wait_for(READER0, True, after=inserted_at)
     assert back.atr == bytes.fromhex("3B 89 00 56 43 41 52 44 5F 4E 53 53")
     removal, insertion = gone.t - removed_at, back.t - inserted_at
     print(f"vpcd: removal seen by pcscd after {removal:.3f} s, insertion {insertion:.3f} s")
@@ -226,7 +225,7 @@ def test_pcscd_restart_and_our_shell_reconnects(stack: Stack) -> None:
     assert status.inserted
     started = time.monotonic()
     stack.pcscd.start()
-    stack.monitor.wait_for(READER0, True, timeout=15)
+    stack.monitor.wait_for(READER0, True, after=started, timeout=15)
     reconnected = time.monotonic() - started
     print(f"vpcd: card back in pcscd {reconnected:.3f} s after pcscd started again")
     assert stack.loop.call(stack.slot0.status).connections == before + 1
