@@ -4,7 +4,7 @@ OpenSC (opensc-tool, pkcs11-tool, opensc-pkcs11.so through PyKCS11), pyscard.
 One private pcscd (realstack.PrivatePcscd: its own socket in a mount namespace, vpcd on
 two free ports) for the module; our two front ends connect to its two vpcd slots, as
 virt_cacard does: slot 0 holds the generated default CAC card of a fresh state directory
-(state.load_or_create_card), slot 1 an all-purpose card (every key signs and decrypts, as
+(cards.store.load_or_create_card), slot 1 an all-purpose card (every key signs and decrypts, as
 virt_cacard's keys do) for the checks OpenSC's own CI runs against virt_cacard.
 
 Needs root (for the mount namespace) and the Debian packages scripts/test installs; outside
@@ -39,9 +39,10 @@ from tests.frontends.vpcd.realstack import (
 )
 from usbccid.cac.card import CacCard
 from usbccid.cac.profile import CardProfile, MemoryPinStateStore
-from usbccid.cac.provision import default_card_spec, generate_card, new_card_id
+from usbccid.cards.generate import default_card_spec, generate_card
+from usbccid.cards.provision import new_card_id
+from usbccid.cards.store import load_or_create_card
 from usbccid.frontends.vpcd import VpcdFrontend
-from usbccid.state import load_or_create_card
 
 pytestmark = pytest.mark.slow
 
