@@ -60,23 +60,26 @@ def free_port_pair() -> int:
 class PrivatePcscd:
     """pcscd with only vpcd, on ports ``port`` and ``port + 1``, in ``directory``."""
 
-    def __init__(self, directory: Path, port: int) -> None:
+    def __init__(self, directory: Path, port: int, *, conf_dir: Path | None = None) -> None:
+        """``conf_dir``: a reader.conf.d to use as it is (the system's, say) instead of
+        one of our own with vpcd on ``port``."""
         self.directory = directory
         self.port = port
         self.run_dir = directory / "run"
-        self.conf_dir = directory / "reader.conf.d"
+        self.conf_dir = conf_dir or directory / "reader.conf.d"
         self.log = directory / "pcscd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.conf_dir.mkdir(parents=True, exist_ok=True)
-        # reader.conf(5); the vpcd driver takes the port after "/dev/null:" (ifd-vpcd.c).
-        (self.conf_dir / "vpcd").write_text(
-            'FRIENDLYNAME "Virtual PCD"\n'
-            f"DEVICENAME   /dev/null:{port}\n"
-            f"LIBPATH      {VPCD_DRIVER}\n"
-            f"CHANNELID    {port}\n"
-        )
+        if conf_dir is None:
+            self.conf_dir.mkdir(parents=True, exist_ok=True)
+            # reader.conf(5); the vpcd driver takes the port after "/dev/null:" (ifd-vpcd.c)
+            (self.conf_dir / "vpcd").write_text(
+                'FRIENDLYNAME "Virtual PCD"\n'
+                f"DEVICENAME   /dev/null:{port}\n"
+                f"LIBPATH      {VPCD_DRIVER}\n"
+                f"CHANNELID    {port}\n"
+            )
         home = directory / "home"
         home.mkdir(exist_ok=True)
         # Clients: our socket; OpenSC's file cache (~/.cache/opensc) in a HOME of our own.

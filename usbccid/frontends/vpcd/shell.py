@@ -170,7 +170,7 @@ class VpcdFrontend:
         *,
         name: str = "vpcd",
         backoff_initial: float = 0.1,
-        backoff_max: float = 2.0,
+        backoff_max: float = 1.0,
         connect_timeout: float = 5.0,
     ) -> None:
         if not 0 < backoff_initial <= backoff_max:
