@@ -101,10 +101,23 @@ class PrivatePcscd:
     def socket_path(self) -> Path:
         return self.run_dir / "pcscd.comm"
 
-    def start(self, timeout: float = 10) -> None:
+    @property
+    def running(self) -> bool:
+        """pcscd itself runs (it writes its pid file when it starts)."""
+        return (self.run_dir / "pcscd.pid").exists()
+
+    def start(
+        self, timeout: float = 10, *, socket_activated: bool = False, debug: bool = False
+    ) -> None:
+        """Start pcscd, or with ``socket_activated`` only its socket, as Debian's
+        pcscd.socket does: ``systemd-socket-activate`` listens and starts pcscd (with
+        ``--auto-exit``, as pcscd.service) when the first client connects."""
         assert self.proc is None
         Path("/run/pcscd").mkdir(parents=True, exist_ok=True)  # the bind mount's target
-        script = 'mount --bind "$1" /run/pcscd && exec pcscd --foreground --auto-exit -c "$2"'
+        pcscd = "pcscd --foreground --auto-exit" + (" --debug" if debug else "")
+        if socket_activated:
+            pcscd = f"systemd-socket-activate --listen=/run/pcscd/pcscd.comm {pcscd}"
+        script = f'mount --bind "$1" /run/pcscd && exec {pcscd} -c "$2"'
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [

@@ -9,8 +9,10 @@ The commands are read from README.md itself:
   install line put there, vpcd on its default ports 35963 and 35964;
 * its serve line runs in a fresh clone of this repository, with ``$STATE_DIRECTORY``
   pointing at a temporary folder;
-* the second block runs line by line as a client of that pcscd, and the signature it
-  writes is verified against the default card's ID certificate.
+* the second block runs line by line as a client of that pcscd, once usbccid has logged
+  ``connected, card inserted`` (as the README says) and pcscd shows the card (its next
+  presence poll, within 0.4 s); the signature it writes is verified against the default
+  card's ID certificate.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def test_the_section_has_what_this_test_expects() -> None:
     assert restart == "sudo systemctl restart pcscd"
     assert serve.endswith(".venv/bin/usbccid serve --vpcd")
     assert "--sign" in client
+    assert "connected, card inserted" in section(README.read_text(), SECTION)
 
 
 @pytest.fixture
@@ -100,7 +103,7 @@ def readme_setup(tmp_path: Path) -> Iterator[tuple[PrivatePcscd, Path]]:
             )
         try:
             deadline = time.monotonic() + 600
-            while "control socket:" not in log.read_text(errors="replace"):
+            while "connected, card inserted" not in log.read_text(errors="replace"):
                 assert proc.poll() is None, f"the README's serve line ended:\n{log.read_text()}"
                 assert time.monotonic() < deadline, f"no server after 600 s:\n{log.read_text()}"
                 time.sleep(0.5)
@@ -119,6 +122,10 @@ def readme_setup(tmp_path: Path) -> Iterator[tuple[PrivatePcscd, Path]]:
 
 def test_readme_vpcd_walkthrough(readme_setup: tuple[PrivatePcscd, Path], tmp_path: Path) -> None:
     pcscd, state = readme_setup
+    deadline = time.monotonic() + 10
+    while "Yes" not in pcscd.run("opensc-tool", "--list-readers", check=False).stdout:
+        assert time.monotonic() < deadline, "pcscd does not show the card"
+        time.sleep(0.1)
     work = tmp_path / "work"
     work.mkdir()
     outputs = []

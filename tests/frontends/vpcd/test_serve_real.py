@@ -108,3 +108,56 @@ def test_serve_vpcd_end_to_end(
     assert "reader0/0 ATR 3b 89 00 56 43 41 52 44 5f 4e 53 53" in trace
     assert "reader0/0 > 00 20 00 00 08 [8 bytes redacted]" in trace  # OpenSC's VERIFY
     assert "31 32 33 34 35 36 37 38" not in trace  # the PIN, in hex, never
+
+
+def test_serve_vpcd_starts_a_socket_activated_pcscd_and_keeps_it(
+    tmp_path: Path, usbccid_state_template: Path
+) -> None:
+    """Debian's pcscd is socket-activated and exits 60 s after its last PC/SC client
+    (pcscd.service: --auto-exit). usbccid holds a PC/SC context while its card is in a
+    local vpcd slot (frontends/vpcd/keepalive.py): that starts pcscd, and pcscd's exit
+    alarm stays off after the other clients leave."""
+    PrivatePcscd.check_requirements()
+    require_tool("systemd-socket-activate")
+    require_tool("opensc-tool")
+    pcscd = PrivatePcscd(tmp_path / "pcscd", free_port_pair())
+    pcscd.start(socket_activated=True, debug=True)
+    state = tmp_path / "state"
+    shutil.copytree(usbccid_state_template, state)
+    out, err = tmp_path / "serve.out", tmp_path / "serve.err"
+    try:
+        time.sleep(0.5)
+        assert not pcscd.running  # only its socket: nobody has connected
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            proc = subprocess.Popen(
+                [BIN, "serve", "--vpcd", f"127.0.0.1:{pcscd.port}", "--state-dir", state],
+                stdout=stdout,
+                stderr=stderr,
+                env=usbccid_env({"PCSCLITE_CSOCK_NAME": pcscd.env["PCSCLITE_CSOCK_NAME"]}),
+            )
+        try:
+            wait_for_line(out, "control socket:", proc, 60)
+            deadline = time.monotonic() + 15
+            while not pcscd.running:
+                assert time.monotonic() < deadline, "usbccid did not start pcscd"
+                time.sleep(0.05)
+            deadline = time.monotonic() + 15
+            while "Starting suicide alarm" not in pcscd.log.read_text(errors="replace"):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            monitor = Monitor(pcscd)
+            try:
+                monitor.wait_for(READER0, True, timeout=15)
+            finally:
+                monitor.close()
+            result = pcscd.run("opensc-tool", "--reader", "0", "--name")
+            assert "Common Access Card" in result.stdout
+            time.sleep(1.0)  # the clients have gone; only usbccid's context is left
+            log = pcscd.log.read_text(errors="replace")
+            # armed once at start (no client yet), never again: a context is still open
+            assert log.count("Starting suicide alarm") == 1, log[-3000:]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+    finally:
+        pcscd.stop()

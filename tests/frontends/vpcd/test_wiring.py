@@ -234,3 +234,38 @@ def test_two_vpcd_readers_on_the_same_ports_are_refused(state: Path) -> None:
     )
     with pytest.raises(AppError, match="reader 'b' uses the vpcd ports of reader 'a'"):
         App(replace(config, state_dir=state))
+
+
+def test_the_examples_vpcd_reader_parses() -> None:
+    text = (Path(__file__).resolve().parents[3] / "examples" / "usbccid.toml").read_text()
+    block = text[text.index('# name = "pcsc"') - len("# [[reader]]\n") :]
+    uncommented = "\n".join(
+        line[2:] if line.startswith("# ") else "" for line in block.splitlines()
+    )
+    (reader,) = parse(uncommented).readers
+    assert (reader.frontend, reader.vpcd) == ("vpcd", cfg.VpcdConfig("127.0.0.1", 35963))
+
+
+def test_local_vpcd_slots_keep_pcscd_up_remote_ones_do_not() -> None:
+    from usbccid.frontends.vpcd.frontend import VpcdReader, is_loopback
+
+    assert is_loopback("127.0.0.1")
+    assert is_loopback("::1")
+    assert is_loopback("localhost")
+    assert not is_loopback("192.0.2.1")
+    assert not is_loopback("vpcd.example")
+    local = VpcdReader(cfg.ReaderConfig("a", frontend="vpcd", vpcd=cfg.VpcdConfig()))
+    remote = VpcdReader(cfg.ReaderConfig("b", frontend="vpcd", vpcd=cfg.VpcdConfig("192.0.2.1")))
+    assert local.slots[0].keepalive is not None
+    assert remote.slots[0].keepalive is None
+
+
+def test_keepalive_without_libpcsclite_holds_nothing() -> None:
+    from usbccid.frontends.vpcd.keepalive import PcscdKeepAlive
+
+    keepalive = PcscdKeepAlive("libno-such-pcsclite.so.1")
+    assert not keepalive.ensure()
+    assert keepalive.last_error is not None
+    assert "cannot load libno-such-pcsclite.so.1" in keepalive.last_error
+    assert not keepalive.held
+    keepalive.release()

@@ -11,8 +11,11 @@ default port may have at most two (a third would find nothing listening).
 
 from __future__ import annotations
 
+import ipaddress
+
 from usbccid.card import Card
 from usbccid.frontends.base import FrontendError
+from usbccid.frontends.vpcd.keepalive import PcscdKeepAlive
 from usbccid.frontends.vpcd.shell import VpcdFrontend, VpcdStatus
 from usbccid.frontends.vpcd.wire import VPCD_PORT
 from usbccid.tool import config as cfg
@@ -35,8 +38,14 @@ class VpcdReader:
         self.config = config
         self.host = vpcd.host
         self.port = vpcd.port
+        local = is_loopback(vpcd.host)
         self.slots = [
-            VpcdFrontend(vpcd.host, vpcd.port + index, name=f"{config.name}/{index}")
+            VpcdFrontend(
+                vpcd.host,
+                vpcd.port + index,
+                name=f"{config.name}/{index}",
+                keepalive=PcscdKeepAlive() if local else None,  # the local pcscd's vpcd
+            )
             for index in range(len(config.slots))
         ]
 
@@ -70,6 +79,15 @@ class VpcdReader:
 
     def status(self, slot: int) -> VpcdStatus:
         return self.slots[slot].status()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def pcscd_name(port: int) -> str | None:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from usbccid.card import Card
+from usbccid.frontends.vpcd.keepalive import PcscdKeepAlive
 from usbccid.frontends.vpcd.protocol import Counters, VpcdConnection, VpcdJob
 from usbccid.frontends.vpcd.wire import VPCD_PORT
 
@@ -157,6 +158,9 @@ class VpcdFrontend:
         backoff_initial, backoff_max: seconds between connection attempts, doubling
             from the first to the second while vpcd is not there.
         connect_timeout: seconds one connection attempt may take.
+        keepalive: for a vpcd of the local pcscd: a PC/SC context to hold while a card
+            is in the slot (:mod:`.keepalive`: starts a socket-activated pcscd and keeps
+            it from exiting); None holds nothing.
 
     Use on one event loop: ``await start()``, then :meth:`insert` / :meth:`remove` /
     :meth:`status` from that loop, ``await close()`` at the end.
@@ -172,6 +176,7 @@ class VpcdFrontend:
         backoff_initial: float = 0.1,
         backoff_max: float = 1.0,
         connect_timeout: float = 5.0,
+        keepalive: PcscdKeepAlive | None = None,
     ) -> None:
         if not 0 < backoff_initial <= backoff_max:
             raise ValueError("need 0 < backoff_initial <= backoff_max")
@@ -181,6 +186,7 @@ class VpcdFrontend:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
         self._card = card
         self._link: _Link | None = None
         self._connections = 0
@@ -253,6 +259,8 @@ class VpcdFrontend:
             link.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(link.closed), 5)
+        if self.keepalive is not None:
+            await asyncio.to_thread(self.keepalive.release)
 
     async def wait_connected(self, timeout: float) -> None:
         """Until a connection to vpcd is up (for tests and ``--check``-like callers)."""
@@ -287,9 +295,13 @@ class VpcdFrontend:
             card = self._card
             where = (self.host, self.port)
             if card is None:
+                if self.keepalive is not None:
+                    await asyncio.to_thread(self.keepalive.release)  # nothing to keep up
                 await self._changed.wait()
                 delay = self.backoff_initial
                 continue
+            if self.keepalive is not None and not await asyncio.to_thread(self.keepalive.ensure):
+                log.debug("vpcd %s: %s", self.address, self.keepalive.last_error)
             try:
                 _, link = await asyncio.wait_for(
                     loop.create_connection(functools.partial(_Link, self, card), *where),
