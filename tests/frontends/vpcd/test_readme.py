@@ -90,6 +90,7 @@ def readme_setup(tmp_path: Path) -> Iterator[tuple[PrivatePcscd, Path]]:
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
     env["STATE_DIRECTORY"] = str(state)
+    env["PCSCLITE_CSOCK_NAME"] = pcscd.env["PCSCLITE_CSOCK_NAME"]  # our pcscd, not /run's
     pcscd.start()
     try:
         with log.open("wb") as out:
