@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Wireshark decodes it down to the CCID messages)",
     )
     serve.add_argument(
+        "--vpcd",
+        nargs="?",
+        const="",
+        metavar="HOST:PORT",
+        help="no USB/IP: put the default card into pcscd's virtual reader instead, by "
+        "connecting to vsmartcard's vpcd driver (default 127.0.0.1:35963; Debian: "
+        "apt-get install pcscd vsmartcard-vpcd). No kernel module, no root",
+    )
+    serve.add_argument(
         "--check",
         action="store_true",
         help="only validate the configuration and load the cards, then exit",
@@ -350,9 +359,35 @@ def _state_dir(args: argparse.Namespace, configured: Path | None = None) -> Path
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from usbccid.tool import app
-    from usbccid.tool.config import default_config, load_config, with_overrides
+    from usbccid.tool.config import (
+        VPCD_PORT,
+        default_config,
+        load_config,
+        parse_hostport,
+        with_overrides,
+        with_vpcd,
+    )
 
     config = load_config(args.config) if args.config else default_config()
+    if args.vpcd is not None:
+        if args.config:
+            raise UsageError(
+                '--vpcd is for the default card; in a configuration file set frontend = "vpcd" '
+                "on the reader"
+            )
+        for option, value in (
+            ("--host", args.host),
+            ("--port", args.port),
+            ("--allow", args.allow),
+            ("--pcap", args.pcap),
+        ):
+            if value is not None:
+                raise UsageError(f"{option} is for the USB/IP server, which --vpcd does not start")
+        try:
+            vpcd_host, vpcd_port = parse_hostport(args.vpcd, VPCD_PORT)
+        except ValueError as exc:
+            raise UsageError(f"--vpcd: {exc}") from None
+        config = with_vpcd(config, vpcd_host, vpcd_port)
     config = with_overrides(
         config,
         host=args.host,

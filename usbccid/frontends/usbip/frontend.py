@@ -102,6 +102,9 @@ class UsbipReader:
     def slot_state(self, slot: int) -> str:
         return _SLOT_STATES[self.reader.slot_state(slot)]
 
+    def slot_detail(self, slot: int) -> str | None:
+        return None
+
 
 class UsbipFrontend:
     """Every ``frontend = "usbip"`` reader, on one USB/IP server (``[server]``)."""
@@ -117,6 +120,7 @@ class UsbipFrontend:
         self._server: UsbipServer | None = None
 
     def add_reader(self, config: cfg.ReaderConfig) -> UsbipReader:
+        assert config.frontend == "usbip", config.frontend
         # pcscd puts iInterface into the reader's name: "VMware Virtual USB CCID
         # [usbccid desk] (serial) 00 00", so the configured name shows on the host.
         reader = CcidReader(
