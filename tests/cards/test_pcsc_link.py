@@ -300,3 +300,19 @@ def test_configuration() -> None:
             parse_config("[[reader]]\n[[reader.slot]]\n" + bad, "t.toml")
         assert exc.value.line == line, str(exc.value)
         assert reason in str(exc.value)
+
+
+def test_check_says_in_one_line_that_pcscd_is_not_there(tmp_path: Any) -> None:
+    """The real pyscard and libpcsclite, no pcscd: the slot waits, and one line says why."""
+    from tests.cli.helpers import run, usbccid_env
+
+    config = tmp_path / "usbccid.toml"
+    config.write_text('[[reader]]\n[[reader.slot]]\ntype = "pcsc"\nreader = "Gemalto"\n')
+    env = usbccid_env({"PCSCLITE_CSOCK_NAME": str(tmp_path / "no-pcscd.comm")})
+    result = run("serve", "--check", "--config", config, "--state-dir", tmp_path / "s", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "reader0 slot 0: pcscd: SCardEstablishContext (is pcscd running?)" in lines[0]
+    assert lines[0].endswith("; waiting")
+    assert "1 reader, 1 slot" in result.stdout
