@@ -372,11 +372,14 @@ class CardJob:
 
 
 @dataclass(frozen=True, slots=True)
-class _FlushMark:
-    reader_id: int
+class _Reply:
+    """A message to send once the card work queued before it is answered (FlushComplete,
+    an Error for an APDU that arrived behind others): answers leave in order."""
+
+    message: wire.Message
 
 
-_Work: TypeAlias = CardJob | _FlushMark
+_Work: TypeAlias = CardJob | _Reply
 
 
 class _Request(enum.Enum):
@@ -536,10 +539,15 @@ class VscardClient:
                 return
             raw = bytes(self._buffer[:size])
             del self._buffer[:size]
+            message = wire.parse_message(raw)
             try:
-                self._handle(wire.parse_message(raw))
+                self._handle(message)
             except VscardMessageError as e:
-                self._answer(e)  # this message only: go on with the next one
+                self._answer(e, in_order=True)  # this message only: go on with the next
+            except VscardError as e:
+                if e.reader_id == UNDEFINED_READER_ID:
+                    e.reader_id = message.reader_id  # answer as QEMU does: to its reader id
+                raise
 
     def _handle(self, message: wire.Message) -> None:
         if isinstance(message, wire.Init):
@@ -549,10 +557,12 @@ class VscardClient:
         elif isinstance(message, wire.Error):
             self._host_error(message)
         elif isinstance(message, wire.Apdu):
+            self._check_pending(message)
             self._apdu(message)
         elif isinstance(message, wire.Flush):
+            self._check_pending(message)
             self._process(Input.RECV_FLUSH)
-            self._work.append(_FlushMark(message.reader_id))
+            self._work.append(_Reply(wire.FlushComplete(message.reader_id)))
             self._pump()
         else:
             self._machine.process(Input.RECV_UNEXPECTED)  # raises: hosts never send these
@@ -600,6 +610,13 @@ class VscardClient:
         else:  # a ReaderRemove answered last: only when leaving, and then we are CLOSED
             self._process(Input.RECV_OVERTAKEN_ANSWER)
 
+    def _check_pending(self, message: wire.Message) -> None:
+        if len(self._work) >= self.max_pending:
+            raise VscardProtocolError(
+                f"more than {self.max_pending} APDUs waiting (QEMU sends one at a time)",
+                reader_id=message.reader_id,
+            )
+
     def _apdu(self, message: wire.Apdu) -> None:
         action = self._process(Input.RECV_APDU)
         if action is Action.DROP:
@@ -613,11 +630,6 @@ class VscardClient:
         if self._reader_id is not None and message.reader_id != self._reader_id:
             raise VscardMessageError(
                 f"APDU for reader {message.reader_id}, ours is {self._reader_id}",
-                reader_id=message.reader_id,
-            )
-        if len(self._work) >= self.max_pending:
-            raise VscardProtocolError(
-                f"more than {self.max_pending} APDUs waiting (QEMU sends one at a time)",
                 reader_id=message.reader_id,
             )
         assert self._card is not None
@@ -716,9 +728,15 @@ class VscardClient:
 
     # -- the one place where errors become answers ------------------------------------
 
-    def _answer(self, error: VscardError) -> None:
+    def _answer(self, error: VscardError, *, in_order: bool = False) -> None:
+        """Send ``error``'s answer: now, or (``in_order``, for a message that arrived
+        behind queued card work) once the answers before it are out."""
         if error.code is not None:
-            self._send(wire.Error(error.code, error.reader_id))
+            reply = wire.Error(error.code, error.reader_id)
+            if in_order and not error.close and self._work:
+                self._work.append(_Reply(reply))
+            else:
+                self._send(reply)
             self._errors += 1
         if error.close:
             self._machine.state = State.CLOSED
@@ -752,11 +770,11 @@ class VscardClient:
         return None
 
     def _pump(self) -> None:
-        """Answer the flushes that have reached the head of the queue."""
-        while self._running is None and self._work and isinstance(self._work[0], _FlushMark):
-            mark = self._work.popleft()
-            assert isinstance(mark, _FlushMark)
-            self._send(wire.FlushComplete(mark.reader_id))
+        """Send the replies that have reached the head of the queue."""
+        while self._running is None and self._work and isinstance(self._work[0], _Reply):
+            reply = self._work.popleft()
+            assert isinstance(reply, _Reply)
+            self._send(reply.message)
 
     def _finish(self, job: CardJob) -> None:
         if job is not self._running:
