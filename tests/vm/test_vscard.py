@@ -1,0 +1,300 @@
+"""Our CAC card inside QEMU's own usb-ccid reader, through ccid-card-passthru (VSCard).
+
+No USB/IP here: the guest's QEMU gets ``-device usb-ccid,serial=VSCARD -device
+ccid-card-passthru,chardev=vsc`` with its chardev connecting (``reconnect=1,nodelay=on``)
+to our front end, which runs in this process (:class:`FrontendThread`) holding the
+default generated CAC card of a temporary state directory. One guest boot serves every
+scenario of this module (its QEMU command line differs from the shared guest's):
+
+* pcscd + libccid list QEMU's reader with our card in it and our ATR;
+* OpenSC (``opensc-tool -n``, ``pkcs15-tool -D``, ``pkcs11-tool -O``, SHA256-RSA-PKCS
+  signature verified here against the card's certificate, RSA-PKCS decryption, a wrong
+  PIN -> CKR_PIN_INCORRECT) and coolkey (certificates, signature), the CAC checks of
+  tests/vm/test_opensc.py;
+* card removal and insertion on the host reach pcscd's clients (SCardGetStatusChange),
+  timed in the guest;
+* the front end leaving (CardRemove + ReaderRemove) empties the reader; a new front end on
+  the same port gets QEMU's chardev back (it reconnects) and the card works again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from tests.conftest import in_ci, require_tool
+from tests.vm.guest import Guest, build_image, cached_image
+from tests.vm.test_opensc import COOLKEY, IDS, LABELS, PIN, _run, _sha256_digest_info
+from tests.vm.test_pcscd import MAX_EVENT_LATENCY, Trigger, _report, _run_events
+from usbccid.cac.card import ATR_VCARD_NSS, CacCard
+from usbccid.frontends.vscard.frontend import FrontendThread, VscardFrontend
+from usbccid.state import load_or_create_card
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+SERIAL = "VSCARD"
+#: pcscd's name for QEMU's reader: "<Info.plist name> [<iInterface>] (<iSerialNumber>)".
+READER_PART = f"[CCID Interface] ({SERIAL})"
+
+
+@dataclass
+class Passthru:
+    """The front end (restartable on the same port) and the card it serves."""
+
+    state_dir: Path
+    card: CacCard
+    thread: FrontendThread
+    port: int
+    reader: str = ""  # pcscd's full reader name, once seen
+    restarts: int = field(default=0)
+
+    def certificate(self, index: int) -> x509.Certificate:
+        path = self.state_dir / "cards" / "default" / f"container-{index:02d}.cert.pem"
+        return x509.load_pem_x509_certificate(path.read_bytes())
+
+    def public_key(self, index: int) -> rsa.RSAPublicKey:
+        key = self.certificate(index).public_key()
+        assert isinstance(key, rsa.RSAPublicKey)
+        return key
+
+    def der(self, index: int) -> bytes:
+        return self.certificate(index).public_bytes(serialization.Encoding.DER)
+
+
+def _listen(card: CacCard, port: int) -> tuple[FrontendThread, int]:
+    thread = FrontendThread(card, name="vm").start()
+    _host, bound = thread.listen_tcp("127.0.0.1", port)
+    return thread, bound
+
+
+@pytest.fixture(scope="module")
+def passthru(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Passthru]:
+    state = tmp_path_factory.mktemp("vscard") / "state"
+    provisioned, store = load_or_create_card(state, datetime.now(UTC))
+    card = CacCard(provisioned.profile, store)
+    thread, port = _listen(card, 0)
+    p = Passthru(state, card, thread, port)
+    try:
+        yield p
+    finally:
+        p.thread.stop()
+
+
+@pytest.fixture(scope="module")
+def vsc_guest(passthru: Passthru, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    if in_ci() and cached_image() is None:
+        build_image()
+    require_tool("qemu-system-x86_64")
+    image = cached_image()
+    if image is None:
+        pytest.skip("no cached guest image (scripts/vm/build-guest, as root)")
+    args = [
+        "-usb",
+        "-chardev",
+        f"socket,id=vsc,host=127.0.0.1,port={passthru.port},reconnect=1,nodelay=on",
+        "-device", f"usb-ccid,id=ccid0,serial={SERIAL}",
+        "-device", "ccid-card-passthru,chardev=vsc,bus=ccid0.0",
+    ]  # fmt: skip
+    g = Guest(image, workdir=tmp_path_factory.mktemp("vm-vscard"), extra_qemu_args=args)
+    try:
+        g.start()
+        yield g
+    finally:
+        g.close()
+
+
+#: Until pcscd lists QEMU's reader with a card: prints @@reader= and @@atr=.
+WAIT_CARD = r"""
+import sys, time
+from smartcard.scard import *
+part, limit = sys.argv[1], float(sys.argv[2])
+end = time.time() + limit
+while time.time() < end:
+    rv, ctx = SCardEstablishContext(SCARD_SCOPE_USER)
+    if rv == SCARD_S_SUCCESS:
+        rv, names = SCardListReaders(ctx, [])
+        for n in names if rv == SCARD_S_SUCCESS else []:
+            if part in n:
+                rv, st = SCardGetStatusChange(ctx, 0, [(n, SCARD_STATE_UNAWARE)])
+                if rv == SCARD_S_SUCCESS and st[0][1] & SCARD_STATE_PRESENT:
+                    print("@@reader=" + n)
+                    print("@@atr=" + bytes(st[0][2]).hex())
+                    sys.exit(0)
+        SCardReleaseContext(ctx)
+    time.sleep(0.2)
+sys.exit("no card in a reader named *%s* within %s s" % (part, limit))
+"""
+
+
+def _wait_card(guest: Guest, timeout: float = 90) -> dict[str, str]:
+    probe = guest.put_file("vsc_wait.py", WAIT_CARD)
+    r, v = _run(guest, f"python3 {probe} '{READER_PART}' {timeout}", timeout=timeout + 30)
+    assert r.ok, f"{r}\n{guest.qemu_log.read_text(errors='replace')[-2000:]}"
+    return v
+
+
+def test_pcscd_sees_qemus_reader_with_our_card(vsc_guest: Guest, passthru: Passthru) -> None:
+    v = _wait_card(vsc_guest)
+    passthru.reader = v["reader"]
+    assert v["atr"] == ATR_VCARD_NSS.hex()  # ours, through the copy QEMU stored
+    status = passthru.thread.call(VscardFrontend.status)
+    (conn,) = status.connections
+    assert conn.holds_card
+    assert conn.client.state == "inserted"
+    assert conn.client.host_version == "0.0.2"
+    assert conn.client.reader_id == 0  # QEMU's one reader
+
+
+def test_opensc_on_the_cac_card(vsc_guest: Guest, passthru: Passthru) -> None:
+    """The CAC checks of test_opensc.py, over usb-ccid + ccid-card-passthru."""
+    message = b"usbccid: signed in a guest through QEMU's ccid-card-passthru\n"
+    secret = b"decrypted through VSCard"
+    msg = vsc_guest.put_file("vsc-msg.bin", message)
+    enc = vsc_guest.put_file(
+        "vsc-enc.bin", passthru.public_key(2).encrypt(secret, padding.PKCS1v15())
+    )
+    login = f"--login --pin {PIN}"
+    r, v = _run(
+        vsc_guest,
+        f"""
+emit name "$(opensc-tool -n 2>/dev/null)"
+echo '--- pkcs15-tool -D'; pkcs15-tool -D; emit p15_rc $?
+echo '--- pkcs11-tool -O'; pkcs11-tool {login} -O; emit p11_rc $?
+for id in {" ".join(IDS)}; do
+    pkcs11-tool -r --type cert --id $id -o /tmp/cert.der && emit cert$id "$(hex /tmp/cert.der)"
+done
+pkcs11-tool {login} --sign --mechanism SHA256-RSA-PKCS --id 0001 -i {msg} -o /tmp/s1 \
+    && emit sig "$(hex /tmp/s1)"
+pkcs11-tool {login} --decrypt --mechanism RSA-PKCS --id 0003 -i {enc} -o /tmp/d1 \
+    && emit dec "$(hex /tmp/d1)"
+emit wrong "$(pkcs11-tool --login --pin 11223344 -O 2>&1 >/dev/null | grep -o 'CKR_[A-Z_]*')"
+pkcs11-tool {login} -O >/dev/null; emit relogin_rc $?
+""",
+        timeout=300,
+    )
+    assert v.get("name") == "Common Access Card (CAC)", r
+    assert v.get("p15_rc") == "0", r
+    assert v.get("p11_rc") == "0", r
+    p15 = r.stdout.split("--- pkcs15-tool -D", 1)[1].split("--- pkcs11-tool -O", 1)[0]
+    p11 = r.stdout.split("--- pkcs11-tool -O", 1)[1]
+    for label in LABELS:
+        assert f"Private RSA Key [{label}]" in p15, r
+        assert f"X.509 Certificate [{label}]" in p15, r
+    for kind in ("Private Key Object", "Public Key Object", "Certificate Object"):
+        assert p11.count(kind) == 3, (kind, r)
+    for i, ident in enumerate(IDS):
+        assert v.get(f"cert{ident}") == passthru.der(i).hex(), (ident, r)
+    assert "sig" in v, r
+    passthru.public_key(0).verify(
+        bytes.fromhex(v["sig"]), message, padding.PKCS1v15(), hashes.SHA256()
+    )
+    assert v.get("dec") == secret.hex(), r
+    assert v.get("wrong") == "CKR_PIN_INCORRECT", r
+    assert v.get("relogin_rc") == "0", r
+
+
+def test_coolkey_on_the_cac_card(vsc_guest: Guest, passthru: Passthru) -> None:
+    message = b"usbccid: signed by coolkey through ccid-card-passthru"
+    info = vsc_guest.put_file("vsc-digest-info.bin", _sha256_digest_info(message))
+    ck = f"pkcs11-tool --module {COOLKEY}"
+    r, v = _run(
+        vsc_guest,
+        f"""
+echo '--- objects'; {ck} --login --pin {PIN} -O 2>/dev/null; emit list_rc $?
+for id in {" ".join(IDS)}; do
+    {ck} -r --type cert --id $id -o /tmp/cert.der 2>/dev/null && emit cert$id "$(hex /tmp/cert.der)"
+done
+{ck} --login --pin {PIN} --sign --mechanism RSA-PKCS --id 0001 -i {info} -o /tmp/s \
+    2>/dev/null && emit sig "$(hex /tmp/s)"
+""",
+        timeout=240,
+    )
+    assert v.get("list_rc") == "0", r
+    objects = r.stdout.split("--- objects", 1)[1]
+    assert objects.count("Certificate Object") == 3, r
+    assert objects.count("Private Key Object") == 3, r
+    for i, ident in enumerate(IDS):
+        assert v.get(f"cert{ident}") == passthru.der(i).hex(), (ident, r)
+    assert "sig" in v, r
+    passthru.public_key(0).verify(
+        bytes.fromhex(v["sig"]), message, padding.PKCS1v15(), hashes.SHA256()
+    )
+
+
+def test_card_removal_and_insertion_reach_pcscd(
+    request: pytest.FixtureRequest, vsc_guest: Guest, passthru: Passthru
+) -> None:
+    if not passthru.reader:
+        passthru.reader = _wait_card(vsc_guest)["reader"]
+    actions: dict[str, Callable[[], object]] = {
+        "remove": lambda: passthru.thread.call(VscardFrontend.remove),
+        "insert": lambda: passthru.thread.call(lambda f: f.insert(passthru.card)),
+    }
+    steps = [(a, passthru.reader, w) for a, w in [("remove", "empty"), ("insert", "present")] * 2]
+    with Trigger(actions) as trigger:
+        events = _run_events(vsc_guest, trigger, steps)
+    atr = ATR_VCARD_NSS.hex()
+    for e in events:
+        assert e["want"] != "present" or e["atr"] == atr, e
+    latencies = [e["latency"] for e in events]
+    _report(request, "vscard_event_latencies_s", latencies)
+    assert max(latencies) < MAX_EVENT_LATENCY, events
+    # ... and the card works after it came back.
+    r, v = _run(vsc_guest, 'emit name "$(opensc-tool -n 2>/dev/null)"', timeout=120)
+    assert v.get("name") == "Common Access Card (CAC)", r
+
+
+def test_leaving_empties_the_reader_and_qemu_comes_back(
+    vsc_guest: Guest, passthru: Passthru
+) -> None:
+    """Stopping the front end sends CardRemove + ReaderRemove (QEMU ignores the chardev
+    closing, so without them the guest would keep a dead card); QEMU's chardev
+    (reconnect=1) finds a new front end on the same port, which adds the reader again."""
+    if not passthru.reader:
+        passthru.reader = _wait_card(vsc_guest)["reader"]
+    probe = vsc_guest.put_file("vsc_state.py", STATE_PROBE)
+    passthru.thread.stop()
+    r, v = _run(vsc_guest, f"python3 {probe} '{passthru.reader}' empty 30", timeout=90)
+    assert v.get("state") == "empty", r
+    passthru.thread, port = _listen(passthru.card, passthru.port)
+    assert port == passthru.port
+    passthru.restarts += 1
+    r, v = _run(
+        vsc_guest,
+        f"python3 {probe} '{passthru.reader}' present 60\n"
+        'emit name "$(opensc-tool -n 2>/dev/null)"',
+        timeout=150,
+    )
+    assert v.get("state") == "present", r
+    assert v.get("name") == "Common Access Card (CAC)", r
+    status = passthru.thread.call(VscardFrontend.status)
+    assert [c.client.state for c in status.connections] == ["inserted"], status
+
+
+#: ``python3 vsc_state.py READER empty|present SECONDS``: waits until pcscd reports the
+#: reader's slot so; prints @@state=.
+STATE_PROBE = r"""
+import sys, time
+from smartcard.scard import *
+name, want, limit = sys.argv[1], sys.argv[2], float(sys.argv[3])
+bit = SCARD_STATE_PRESENT if want == "present" else SCARD_STATE_EMPTY
+rv, ctx = SCardEstablishContext(SCARD_SCOPE_USER)
+end = time.time() + limit
+state = SCARD_STATE_UNAWARE
+while time.time() < end:
+    rv, st = SCardGetStatusChange(ctx, 1000, [(name, state)])
+    if rv == SCARD_S_SUCCESS:
+        state = st[0][1] & ~SCARD_STATE_CHANGED
+        if state & bit:
+            print("@@state=" + want)
+            sys.exit(0)
+print("@@state=timeout %#x" % state)
+sys.exit(1)
+"""
