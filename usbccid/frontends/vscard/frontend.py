@@ -15,8 +15,9 @@ own connection and nothing else; any other exception is a bug, logged with its
 traceback, and also closes only that connection.
 
 Bounded memory: reads of at most :data:`READ_SIZE` bytes, no read while our writes to
-that peer are not drained (back-pressure), and a peer whose unread replies pass
-``max_write_buffer`` bytes is cut off.
+that peer are not drained or the card still has work from the last read
+(back-pressure), and a peer whose unread replies pass ``max_write_buffer`` bytes is cut
+off.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, TypeVar
 
 from usbccid.card import Card
 from usbccid.frontends.vscard.client import (
+    MAX_PENDING,
     Answered,
     CardInserted,
     CardRefused,
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 READ_SIZE = 1 << 16
 MAX_WRITE_BUFFER = 1 << 20
 """Replies a peer may leave unread before it is cut off."""
+CLOSE_TIMEOUT = 5.0
+"""Seconds a closing connection may take to flush its last bytes before it is aborted."""
 RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0)
 """Seconds between attempts to reach a listening QEMU (the last one repeats)."""
 
@@ -68,6 +72,8 @@ class ConnectionStatus:
     peer: str
     holds_card: bool
     client: VscardStatus
+    unsent: int  # bytes written that the peer has not read yet (transport buffer)
+    buffered: int  # bytes read that do not make a whole message yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +101,14 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         self.peer = peer
-        self.client = VscardClient(reader_name=frontend.reader_name)
+        self.client = VscardClient(
+            reader_name=frontend.reader_name, max_pending=frontend.max_pending
+        )
         self.closed = False
         self.ended = asyncio.Event()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # card work may be waiting
+        self._idle = asyncio.Event()  # no card work waiting: read on
+        self._idle.set()
         self._worker: asyncio.Task[None] | None = None
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -122,6 +132,7 @@ class _Connection:
                 if not data or self.closed:
                     break
                 await self.writer.drain()  # back-pressure: a peer that does not read
+                await self._idle.wait()  # and one that sends faster than the card answers
         except ConnectionError as e:
             log.info("%s: %s", self.peer, e)
         finally:
@@ -130,8 +141,11 @@ class _Connection:
                 self._worker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._worker
-            with contextlib.suppress(ConnectionError):
-                await self.writer.wait_closed()
+            try:
+                # A last answer is flushed; a peer that does not read gets no say.
+                await asyncio.wait_for(self.writer.wait_closed(), CLOSE_TIMEOUT)
+            except (ConnectionError, TimeoutError):
+                self.writer.transport.abort()
             log.info("%s: closed (%s)", self.peer, self.client.close_reason or "closed")
             self.ended.set()
 
@@ -157,11 +171,15 @@ class _Connection:
         for event in self.client.events():
             self._report(event)
         self._wake.set()
+        if self.client.pending:
+            self._idle.clear()
+        else:
+            self._idle.set()
         if self.client.should_close:
             self.close()
         elif self.writer.transport.get_write_buffer_size() > self.frontend.max_write_buffer:
             log.warning("%s: does not read its replies, closing", self.peer)
-            self.close()
+            self.close(abort=True)
 
     def _report(self, event: Event) -> None:
         if isinstance(event, HostInit):
@@ -205,12 +223,17 @@ class _Connection:
         else:
             job.run()
 
-    def close(self) -> None:
+    def close(self, *, abort: bool = False) -> None:
+        """Close (``abort``: without flushing what the peer has not read)."""
         if self.closed:
             return
         self.closed = True
         self._wake.set()
-        self.writer.close()
+        self._idle.set()
+        if abort:
+            self.writer.transport.abort()
+        else:
+            self.writer.close()
         self.frontend._forget(self)
 
 
@@ -222,6 +245,8 @@ class VscardFrontend:
         name: for logs and status.
         reader_name: sent to QEMU in ReaderAdd (QEMU does not show it).
         allow: for TCP, whether a client address may connect at all; None allows all.
+        max_write_buffer: replies a peer may leave unread before it is cut off.
+        max_pending: APDUs a peer may have waiting for the card (QEMU: one).
     """
 
     def __init__(
@@ -232,11 +257,13 @@ class VscardFrontend:
         reader_name: str = "usbccid",
         allow: Callable[[str], bool] | None = None,
         max_write_buffer: int = MAX_WRITE_BUFFER,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         self.name = name
         self.reader_name = reader_name
         self.allow = allow
         self.max_write_buffer = max_write_buffer
+        self.max_pending = max_pending
         self.accepted = 0
         self.refused = 0
         self._card = card
@@ -279,7 +306,14 @@ class VscardFrontend:
             connecting=self._connecting,
             card=self._card is not None,
             connections=tuple(
-                ConnectionStatus(c.peer, c.holds_card, c.client.status()) for c in self._connections
+                ConnectionStatus(
+                    c.peer,
+                    c.holds_card,
+                    c.client.status(),
+                    c.writer.transport.get_write_buffer_size(),
+                    c.client.buffered,
+                )
+                for c in self._connections
             ),
         )
 
