@@ -381,3 +381,17 @@ def test_leave_without_card_or_before_init() -> None:
     host.take()
     host.client.leave()
     assert host.take() == []
+
+
+def test_a_job_finishing_after_leave_is_ignored() -> None:
+    host = Host(EchoCard())
+    host.handshake()
+    host.send(wire.Apdu(ECHO, R0))
+    job = host.client.next_job()
+    assert job is not None
+    job.run()
+    host.client.leave()
+    host.take()
+    job.finish()
+    assert host.take() == []
+    assert host.client.next_job() is None

@@ -428,7 +428,7 @@ class VscardClient:
         self._events: list[Event] = []
         self._card = card
         self._generation = 0
-        self._powered: Card | None = None  # the card power_on() was last called on
+        self._powered: Card | None = None  # the card power_on() was last handed out for
         self._atr: bytes | None = None
         self._reader_id: int | None = None
         self._requests: deque[_Request] = deque()
@@ -649,14 +649,28 @@ class VscardClient:
     def insert(self, card: Card) -> None:
         """Put ``card`` in the reader (replacing any): power it on, send its ATR."""
         self._card = card
-        self._generation += 1
+        self._new_generation()
         self._process(Input.INSERT)
 
     def remove(self) -> None:
         """Take the card out: CardRemove, then power it off."""
         self._card = None
-        self._generation += 1
+        self._new_generation()
         self._process(Input.REMOVE)
+
+    def _new_generation(self) -> None:
+        """The card changes: work queued for the old one and not started is dropped (its
+        answers could not reach the host any more), so the queue stays short however
+        often the card comes and goes."""
+        self._generation += 1
+        self._work = deque(
+            w
+            for w in self._work
+            if w is self._running
+            or not isinstance(w, CardJob)
+            or w.op is CardOp.POWER_OFF
+            or w.generation == self._generation
+        )
 
     def leave(self, reason: str = "closed by us") -> None:
         """Leave cleanly: CardRemove (if the host has the card) and ReaderRemove, so the
@@ -680,7 +694,6 @@ class VscardClient:
         elif action is Action.POWER_ON:
             assert self._card is not None
             self._power_off_previous()
-            self._powered = self._card
             self._work.append(CardJob(self, CardOp.POWER_ON, self._card, self._generation))
         elif action is Action.SEND_ATR:
             assert self._atr is not None
@@ -693,14 +706,19 @@ class VscardClient:
                 self._send(wire.CardRemove(self._our_id()))
             if before is not State.AWAIT_INIT:
                 self._send(wire.ReaderRemove(self._our_id()))
-            self._work.clear()
+            self._drop_work()
         elif action is Action.CLOSE:
-            self._work.clear()
+            self._drop_work()
         if before in (State.POWERING, State.REFUSED) and self.state is State.EMPTY:
             self._power_off_previous()
         if self.state is not before:
             log.debug("vscard: %s --%s--> %s", before.value, event.value, self.state.value)
         return action
+
+    def _drop_work(self) -> None:
+        """Forget all queued card work; a job still running is ignored when it finishes."""
+        self._work.clear()
+        self._running = None
 
     def _entered_empty(self) -> None:
         """On entering EMPTY with a card held, insert it (announced or replaced)."""
@@ -740,7 +758,7 @@ class VscardClient:
             self._errors += 1
         if error.close:
             self._machine.state = State.CLOSED
-            self._work.clear()
+            self._drop_work()
             self._buffer.clear()
             self._closed(str(error))
         else:
@@ -766,6 +784,8 @@ class VscardClient:
                 self._pump()
                 continue
             self._running = head
+            if head.op is CardOp.POWER_ON:
+                self._powered = head.card  # powered from now on: powered off when it goes
             return head
         return None
 
