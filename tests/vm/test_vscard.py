@@ -2,7 +2,7 @@
 
 No USB/IP here: the guest's QEMU gets ``-device usb-ccid,serial=VSCARD -device
 ccid-card-passthru,chardev=vsc`` with its chardev connecting (``reconnect=1,nodelay=on``)
-to our front end, which runs in this process (:class:`FrontendThread`) holding the
+to our front end, which runs in this process (:class:`VscardServerThread`) holding the
 default generated CAC card of a temporary state directory. One guest boot serves every
 scenario of this module (its QEMU command line differs from the shared guest's):
 
@@ -34,8 +34,8 @@ from tests.vm.guest import Guest, build_image, cached_image
 from tests.vm.test_opensc import COOLKEY, IDS, LABELS, PIN, _run, _sha256_digest_info
 from tests.vm.test_pcscd import MAX_EVENT_LATENCY, Trigger, _report, _run_events
 from usbccid.cac.card import ATR_VCARD_NSS, CacCard
-from usbccid.frontends.vscard.frontend import FrontendThread, VscardFrontend
-from usbccid.state import load_or_create_card
+from usbccid.cards.store import load_or_create_card
+from usbccid.frontends.vscard.server import VscardServer, VscardServerThread
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -50,7 +50,7 @@ class Passthru:
 
     state_dir: Path
     card: CacCard
-    thread: FrontendThread
+    thread: VscardServerThread
     port: int
     reader: str = ""  # pcscd's full reader name, once seen
     restarts: int = field(default=0)
@@ -68,8 +68,8 @@ class Passthru:
         return self.certificate(index).public_bytes(serialization.Encoding.DER)
 
 
-def _listen(card: CacCard, port: int) -> tuple[FrontendThread, int]:
-    thread = FrontendThread(card, name="vm").start()
+def _listen(card: CacCard, port: int) -> tuple[VscardServerThread, int]:
+    thread = VscardServerThread(card, name="vm").start()
     _host, bound = thread.listen_tcp("127.0.0.1", port)
     return thread, bound
 
@@ -144,7 +144,7 @@ def test_pcscd_sees_qemus_reader_with_our_card(vsc_guest: Guest, passthru: Passt
     v = _wait_card(vsc_guest)
     passthru.reader = v["reader"]
     assert v["atr"] == ATR_VCARD_NSS.hex()  # ours, through the copy QEMU stored
-    status = passthru.thread.call(VscardFrontend.status)
+    status = passthru.thread.call(VscardServer.status)
     (conn,) = status.connections
     assert conn.holds_card
     assert conn.client.state == "inserted"
@@ -234,7 +234,7 @@ def test_card_removal_and_insertion_reach_pcscd(
     if not passthru.reader:
         passthru.reader = _wait_card(vsc_guest)["reader"]
     actions: dict[str, Callable[[], object]] = {
-        "remove": lambda: passthru.thread.call(VscardFrontend.remove),
+        "remove": lambda: passthru.thread.call(VscardServer.remove),
         "insert": lambda: passthru.thread.call(lambda f: f.insert(passthru.card)),
     }
     steps = [(a, passthru.reader, w) for a, w in [("remove", "empty"), ("insert", "present")] * 2]
@@ -274,7 +274,7 @@ def test_leaving_empties_the_reader_and_qemu_comes_back(
     )
     assert v.get("state") == "present", r
     assert v.get("name") == "Common Access Card (CAC)", r
-    status = passthru.thread.call(VscardFrontend.status)
+    status = passthru.thread.call(VscardServer.status)
     assert [c.client.state for c in status.connections] == ["inserted"], status
 
 

@@ -1,4 +1,4 @@
-"""The asyncio shell over real sockets: TCP and UNIX listening, connecting to a QEMU that
+"""The asyncio shell (server.py) over real sockets: TCP and UNIX listening, connecting to a QEMU that
 listens (and reconnecting), the card passing between connections, insert/remove/status,
 clean leaving, and cards that block."""
 
@@ -15,7 +15,7 @@ import pytest
 from tests.frontends.vscard.helpers import OK, QemuPeer
 from usbccid.ccid.testcard import DEFAULT_ATR, EchoCard
 from usbccid.frontends.vscard import wire
-from usbccid.frontends.vscard.frontend import FrontendThread, VscardFrontend
+from usbccid.frontends.vscard.server import VscardServer, VscardServerThread
 
 ECHO = bytes.fromhex("8010000003010203")
 SLOW = bytes.fromhex("80140000")
@@ -27,8 +27,8 @@ def card() -> EchoCard:
 
 
 @pytest.fixture
-def front(card: EchoCard) -> Iterator[FrontendThread]:
-    with FrontendThread(card, name="t") as t:
+def front(card: EchoCard) -> Iterator[VscardServerThread]:
+    with VscardServerThread(card, name="t") as t:
         yield t
 
 
@@ -39,12 +39,12 @@ def _wait(cond: object, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_tcp_conversation_status_and_leave(front: FrontendThread, card: EchoCard) -> None:
+def test_tcp_conversation_status_and_leave(front: VscardServerThread, card: EchoCard) -> None:
     address = front.listen_tcp()
     peer = QemuPeer.connect(address)
     assert peer.handshake() == DEFAULT_ATR
     assert peer.apdu(ECHO) == b"\x01\x02\x03\x90\x00"
-    status = front.call(VscardFrontend.status)
+    status = front.call(VscardServer.status)
     assert status.listening == (f"127.0.0.1:{address[1]}",)
     assert status.card
     (conn,) = status.connections
@@ -56,10 +56,10 @@ def test_tcp_conversation_status_and_leave(front: FrontendThread, card: EchoCard
     assert peer.at_eof()
 
 
-def test_remove_and_insert(front: FrontendThread) -> None:
+def test_remove_and_insert(front: VscardServerThread) -> None:
     peer = QemuPeer.connect(front.listen_tcp())
     peer.handshake()
-    front.call(VscardFrontend.remove)
+    front.call(VscardServer.remove)
     peer.expect(wire.CardRemove)
     peer.send(wire.Error(OK, 0))
     other = EchoCard(atr=bytes.fromhex("3B02") + b"ok")
@@ -72,13 +72,13 @@ def test_remove_and_insert(front: FrontendThread) -> None:
     assert other.commands == [ECHO]
 
 
-def test_the_card_goes_to_one_connection_at_a_time(front: FrontendThread) -> None:
+def test_the_card_goes_to_one_connection_at_a_time(front: VscardServerThread) -> None:
     address = front.listen_tcp()
     first = QemuPeer.connect(address)
     first.handshake()
     second = QemuPeer.connect(address)
     second.handshake(card=False)  # a reader, but the card is in use
-    status = front.call(VscardFrontend.status)
+    status = front.call(VscardServer.status)
     assert [c.holds_card for c in status.connections] == [True, False]
     first.close()
     second.expect(wire.Atr)  # the card moves on
@@ -86,7 +86,7 @@ def test_the_card_goes_to_one_connection_at_a_time(front: FrontendThread) -> Non
     assert second.apdu(ECHO) == b"\x01\x02\x03\x90\x00"
 
 
-def test_unix_socket(front: FrontendThread, tmp_path: Path) -> None:
+def test_unix_socket(front: VscardServerThread, tmp_path: Path) -> None:
     path = tmp_path / "vscard.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
@@ -103,7 +103,7 @@ def test_unix_socket(front: FrontendThread, tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_connect_to_a_listening_qemu_and_reconnect(front: FrontendThread) -> None:
+def test_connect_to_a_listening_qemu_and_reconnect(front: VscardServerThread) -> None:
     qemu = socket.create_server(("127.0.0.1", 0))
     qemu.settimeout(20)
     port = qemu.getsockname()[1]
@@ -111,7 +111,7 @@ def test_connect_to_a_listening_qemu_and_reconnect(front: FrontendThread) -> Non
     sock, _ = qemu.accept()
     peer = QemuPeer(sock)
     assert peer.handshake() == DEFAULT_ATR
-    assert front.call(VscardFrontend.status).connecting == f"127.0.0.1:{port}"
+    assert front.call(VscardServer.status).connecting == f"127.0.0.1:{port}"
     peer.close()  # QEMU's side goes away: we come back
     sock, _ = qemu.accept()
     peer = QemuPeer(sock)
@@ -124,7 +124,7 @@ def test_connect_retries_until_qemu_listens() -> None:
     probe = socket.create_server(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()  # nothing listens there now
-    with FrontendThread(EchoCard()) as front:
+    with VscardServerThread(EchoCard()) as front:
         front.call(lambda f: f.connect_tcp("127.0.0.1", port))
         time.sleep(0.7)  # a failed attempt or two
         qemu = socket.create_server(("127.0.0.1", port))
@@ -136,7 +136,7 @@ def test_connect_retries_until_qemu_listens() -> None:
 
 def test_a_blocking_card_runs_off_the_loop() -> None:
     card = EchoCard(blocking=True, sleep=time.sleep, slow_seconds=1.0)
-    with FrontendThread(card) as front:
+    with VscardServerThread(card) as front:
         address = front.listen_tcp()
         peer = QemuPeer.connect(address)
         peer.handshake()
@@ -145,7 +145,7 @@ def test_a_blocking_card_runs_off_the_loop() -> None:
         t0 = time.monotonic()
         # The loop still answers while the card sleeps on its thread: status, and a
         # second connection's whole handshake.
-        front.call(VscardFrontend.status)
+        front.call(VscardServer.status)
         QemuPeer.connect(address).handshake(card=False)
         assert time.monotonic() - t0 < 0.5
         answer = peer.recv()
@@ -153,13 +153,13 @@ def test_a_blocking_card_runs_off_the_loop() -> None:
 
 
 def test_allow_list() -> None:
-    with FrontendThread(EchoCard(), allow=lambda host: False) as front:
+    with VscardServerThread(EchoCard(), allow=lambda host: False) as front:
         peer = QemuPeer.connect(front.listen_tcp())
         assert peer.at_eof()
         assert front.call(lambda f: f.refused) == 1
 
 
-def test_protocol_error_closes_that_connection_only(front: FrontendThread) -> None:
+def test_protocol_error_closes_that_connection_only(front: VscardServerThread) -> None:
     address = front.listen_tcp()
     good = QemuPeer.connect(address)
     good.handshake()
@@ -197,7 +197,7 @@ def test_a_peer_that_does_not_read_over_unix_is_cut_off(
     write bound can act). Sampled meanwhile, what we hold stays under the bound."""
     bound = 16 * 1024
     path = tmp_path / "v.sock"
-    with FrontendThread(EchoCard(), max_write_buffer=bound, max_pending=10**6) as front:
+    with VscardServerThread(EchoCard(), max_write_buffer=bound, max_pending=10**6) as front:
         front.run(lambda f: f.listen_unix(path))
         hog = QemuPeer.connect(str(path))
         hog.handshake()
@@ -221,7 +221,7 @@ def test_a_peer_that_does_not_read_over_tcp_stays_bounded() -> None:
     """Over TCP the kernel holds it back (its zero window stalls its own sends, or its
     bursts hit the pending bound): either way what we hold for it stays bounded, and
     another QEMU is served meanwhile."""
-    with FrontendThread(EchoCard(), max_write_buffer=16 * 1024) as front:
+    with VscardServerThread(EchoCard(), max_write_buffer=16 * 1024) as front:
         address = front.listen_tcp()
         hog = QemuPeer.connect(address)
         hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

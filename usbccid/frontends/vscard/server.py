@@ -1,6 +1,6 @@
 """The asyncio shell around :class:`~usbccid.frontends.vscard.client.VscardClient`.
 
-One :class:`VscardFrontend` is one virtual reader seen by QEMU through its
+One :class:`VscardServer` is one virtual reader seen by QEMU through its
 ``ccid-card-passthru`` device. It either listens (TCP or a UNIX socket) for QEMU's chardev
 to connect (``-chardev socket,id=ccid,host=127.0.0.1,port=N,reconnect=1,nodelay=on``), or
 connects to a QEMU that listens (``-chardev socket,...,server=on,wait=off``) and
@@ -77,8 +77,8 @@ class ConnectionStatus:
 
 
 @dataclass(frozen=True, slots=True)
-class FrontendStatus:
-    """One front end, for ``usbccid ctl status``."""
+class VscardServerStatus:
+    """One reader's server, for ``usbccid ctl status``."""
 
     name: str
     listening: tuple[str, ...]  # "127.0.0.1:2001", "/run/usbccid/vscard.sock"
@@ -92,18 +92,16 @@ class _Connection:
 
     def __init__(
         self,
-        frontend: VscardFrontend,
+        server: VscardServer,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str,
     ) -> None:
-        self.frontend = frontend
+        self.server = server
         self.reader = reader
         self.writer = writer
         self.peer = peer
-        self.client = VscardClient(
-            reader_name=frontend.reader_name, max_pending=frontend.max_pending
-        )
+        self.client = VscardClient(reader_name=server.reader_name, max_pending=server.max_pending)
         self.closed = False
         self.ended = asyncio.Event()
         self._wake = asyncio.Event()  # card work may be waiting
@@ -119,7 +117,7 @@ class _Connection:
 
     @property
     def holds_card(self) -> bool:
-        return self.frontend._holder is self
+        return self.server._holder is self
 
     async def run(self) -> None:
         log.info("%s: QEMU connected", self.peer)
@@ -177,7 +175,7 @@ class _Connection:
             self._idle.set()
         if self.client.should_close:
             self.close()
-        elif self.writer.transport.get_write_buffer_size() > self.frontend.max_write_buffer:
+        elif self.writer.transport.get_write_buffer_size() > self.server.max_write_buffer:
             log.warning("%s: does not read its replies, closing", self.peer)
             self.close(abort=True)
 
@@ -209,7 +207,7 @@ class _Connection:
                 await self._wake.wait()
                 continue
             try:
-                async with self.frontend._card_lock:
+                async with self.server._card_lock:
                     await self._run(job)
             except Exception:  # only a bug gets here: Job.run catches the card's errors
                 log.exception("%s: card job failed, closing", self.peer)
@@ -234,10 +232,10 @@ class _Connection:
             self.writer.transport.abort()
         else:
             self.writer.close()
-        self.frontend._forget(self)
+        self.server._forget(self)
 
 
-class VscardFrontend:
+class VscardServer:
     """One reader for QEMU's ccid-card-passthru, holding ``card`` (or none).
 
     Args:
@@ -299,8 +297,8 @@ class VscardFrontend:
         if holder is not None:
             holder.guard(holder.client.remove)
 
-    def status(self) -> FrontendStatus:
-        return FrontendStatus(
+    def status(self) -> VscardServerStatus:
+        return VscardServerStatus(
             name=self.name,
             listening=tuple(self._listening),
             connecting=self._connecting,
@@ -473,17 +471,17 @@ def _remove_stale_socket(path: Path) -> None:
     raise OSError(f"{path}: another server is listening there")
 
 
-class FrontendThread:
-    """A :class:`VscardFrontend` on its own event loop in a background thread (tests).
+class VscardServerThread:
+    """A :class:`VscardServer` on its own event loop in a background thread (tests).
 
-    ``with FrontendThread(card) as t: t.listen_tcp()`` ... The front end is single-threaded:
-    change it only through :meth:`call`, which runs ``fn(frontend)`` on its loop.
+    ``with VscardServerThread(card) as t: t.listen_tcp()`` ... The server is single-threaded:
+    change it only through :meth:`call`, which runs ``fn(server)`` on its loop.
     """
 
     def __init__(self, card: Card | None = None, **kwargs: Any) -> None:
         self._card = card
         self._kwargs = kwargs
-        self.frontend: VscardFrontend | None = None
+        self.server: VscardServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -500,18 +498,18 @@ class FrontendThread:
     async def _run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.frontend = VscardFrontend(self._card, **self._kwargs)
+        self.server = VscardServer(self._card, **self._kwargs)
         self._ready.set()
         try:
             await self._stop.wait()
         finally:
-            await self.frontend.close()
+            await self.server.close()
 
-    def start(self) -> FrontendThread:
+    def start(self) -> VscardServerThread:
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
-            raise RuntimeError("VSCard front end failed to start") from self._error
+            raise RuntimeError("VSCard server failed to start") from self._error
         return self
 
     def stop(self) -> None:
@@ -519,32 +517,32 @@ class FrontendThread:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=10)
 
-    def call(self, fn: Callable[[VscardFrontend], T]) -> T:
-        """``fn(frontend)`` on the front end's loop; its result."""
+    def call(self, fn: Callable[[VscardServer], T]) -> T:
+        """``fn(server)`` on the server's loop; its result."""
         assert self._loop is not None, "not started"
-        assert self.frontend is not None
-        frontend = self.frontend
+        assert self.server is not None
+        server = self.server
 
         async def in_loop() -> T:
-            return fn(frontend)
+            return fn(server)
 
         return asyncio.run_coroutine_threadsafe(in_loop(), self._loop).result(timeout=30)
 
-    def run(self, coro: Callable[[VscardFrontend], Awaitable[T]]) -> T:
-        """``await coro(frontend)`` on the front end's loop; its result."""
+    def run(self, coro: Callable[[VscardServer], Awaitable[T]]) -> T:
+        """``await coro(server)`` on the server's loop; its result."""
         assert self._loop is not None, "not started"
-        assert self.frontend is not None
-        frontend = self.frontend
+        assert self.server is not None
+        server = self.server
 
         async def in_loop() -> T:
-            return await coro(frontend)
+            return await coro(server)
 
         return asyncio.run_coroutine_threadsafe(in_loop(), self._loop).result(timeout=30)
 
     def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         return self.run(lambda f: f.listen_tcp(host, port))
 
-    def __enter__(self) -> FrontendThread:
+    def __enter__(self) -> VscardServerThread:
         return self.start()
 
     def __exit__(
