@@ -1,6 +1,6 @@
-"""The asyncio shell (server.py) over real sockets: TCP and UNIX listening, connecting to a QEMU that
-listens (and reconnecting), the card passing between connections, insert/remove/status,
-clean leaving, and cards that block."""
+"""The asyncio shell (server.py) over real sockets: TCP and UNIX listening, connecting to a
+QEMU that listens (and reconnecting), the card passing between connections,
+insert/remove/status, clean leaving, and cards that block."""
 
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter
 
 @dataclass(frozen=True, slots=True)
 class ConnectionStatus:
-    peer: str
+    peer: str  # "HOST:PORT" of the QEMU (or the socket path)
     holds_card: bool
     client: VscardStatus
     unsent: int  # bytes written that the peer has not read yet (transport buffer)
@@ -95,12 +95,13 @@ class _Connection:
         server: VscardServer,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        peer: str,
+        address: str,
     ) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
-        self.peer = peer
+        self.address = address
+        self.peer = f"{server.name} {address}"  # for logs
         self.client = VscardClient(reader_name=server.reader_name, max_pending=server.max_pending)
         self.closed = False
         self.ended = asyncio.Event()
@@ -305,7 +306,7 @@ class VscardServer:
             card=self._card is not None,
             connections=tuple(
                 ConnectionStatus(
-                    c.peer,
+                    c.address,
                     c.holds_card,
                     c.client.status(),
                     c.writer.transport.get_write_buffer_size(),
@@ -320,10 +321,10 @@ class VscardServer:
     def _adopt(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Connection:
         peername = writer.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
-            peer = f"{self.name} {peername[0]}:{peername[1]}"
+            address = f"{peername[0]}:{peername[1]}"
         else:
-            peer = f"{self.name} {peername or writer.get_extra_info('sockname') or '?'}"
-        conn = _Connection(self, reader, writer, peer)
+            address = str(peername or writer.get_extra_info("sockname") or "?")
+        conn = _Connection(self, reader, writer, address)
         self._connections.append(conn)
         if self._card is not None and self._holder is None:
             self._holder = conn
