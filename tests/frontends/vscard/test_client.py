@@ -395,3 +395,14 @@ def test_a_job_finishing_after_leave_is_ignored() -> None:
     job.finish()
     assert host.take() == []
     assert host.client.next_job() is None
+
+
+def test_a_flood_of_small_messages_in_one_read_is_cut_off() -> None:
+    """QEMU sends a few messages, then waits for our answer: thousands in one read are a
+    peer keeping the loop busy (each would be parsed and answered)."""
+    host = Host()  # no card: every APDU is answered with Error at once
+    host.handshake()
+    with pytest.raises(VscardProtocolError, match="more than 64 messages at once"):
+        host.send(*[wire.Apdu(ECHO, R0)] * 1000)
+    assert host.client.should_close
+    assert len(host.take()) == 64 + 1  # 64 answered, then the Error that closes

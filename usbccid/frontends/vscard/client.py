@@ -89,6 +89,12 @@ MAX_PENDING: Final = 16
 MAX_REQUESTS: Final = 64
 """Our requests (ReaderAdd, ATR, CardRemove, ...) that may wait for their answers."""
 
+MAX_MESSAGES_PER_READ: Final = 64
+"""Messages one :meth:`VscardClient.receive_data` may hold. QEMU answers our few requests
+and sends one APDU, then waits for our answer, so what it sends between two of our writes
+is a handful of messages; a peer that packs thousands of small messages into one read
+(each is parsed, and answered) is cut off instead of keeping the loop busy."""
+
 
 class State(enum.Enum):
     AWAIT_INIT = "await-init"  # our Init sent; the host's awaited
@@ -527,6 +533,7 @@ class VscardClient:
         self._closed(reason)
 
     def _drain(self) -> None:
+        count = 0
         while self.state is not State.CLOSED and len(self._buffer) >= wire.HEADER_SIZE:
             header = wire.parse_header(bytes(self._buffer[: wire.HEADER_SIZE]))
             if header.length > self.max_payload:
@@ -537,6 +544,13 @@ class VscardClient:
             size = wire.HEADER_SIZE + header.length
             if len(self._buffer) < size:
                 return
+            count += 1
+            if count > MAX_MESSAGES_PER_READ:
+                raise VscardProtocolError(
+                    f"more than {MAX_MESSAGES_PER_READ} messages at once (QEMU sends a few, "
+                    "then waits for our answer)",
+                    reader_id=header.reader_id,
+                )
             raw = bytes(self._buffer[:size])
             del self._buffer[:size]
             message = wire.parse_message(raw)
