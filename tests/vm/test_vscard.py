@@ -1,27 +1,33 @@
 """Our CAC card inside QEMU's own usb-ccid reader, through ccid-card-passthru (VSCard).
 
-No USB/IP here: the guest's QEMU gets ``-device usb-ccid,serial=VSCARD -device
-ccid-card-passthru,chardev=vsc`` with its chardev connecting (``reconnect=1,nodelay=on``)
-to our front end, which runs in this process (:class:`VscardServerThread`) holding the
-default generated CAC card of a temporary state directory. One guest boot serves every
-scenario of this module (its QEMU command line differs from the shared guest's):
+No USB/IP here. The host runs the product, ``usbccid serve --vscard 127.0.0.1:0`` (the
+default generated CAC card of a temporary state directory), and the guest's QEMU gets
+exactly the options its banner prints (``-usb -device usb-ccid -chardev
+socket,...,reconnect=1,nodelay=on -device ccid-card-passthru,...``). One guest boot
+serves every scenario of this module (its QEMU command line differs from the shared
+guest's):
 
-* pcscd + libccid list QEMU's reader with our card in it and our ATR;
+* pcscd + libccid list QEMU's reader with our card in it and our ATR; ``ctl status``
+  shows QEMU holding the card;
 * OpenSC (``opensc-tool -n``, ``pkcs15-tool -D``, ``pkcs11-tool -O``, SHA256-RSA-PKCS
   signature verified here against the card's certificate, RSA-PKCS decryption, a wrong
   PIN -> CKR_PIN_INCORRECT) and coolkey (certificates, signature), the CAC checks of
   tests/vm/test_opensc.py;
-* card removal and insertion on the host reach pcscd's clients (SCardGetStatusChange),
+* ``usbccid ctl remove`` / ``ctl insert`` reach pcscd's clients (SCardGetStatusChange),
   timed in the guest;
-* the front end leaving (CardRemove + ReaderRemove) empties the reader; a new front end on
-  the same port gets QEMU's chardev back (it reconnects) and the card works again.
+* stopping the server (CardRemove + ReaderRemove) empties the reader; a new server on the
+  same port gets QEMU's chardev back (it reconnects) and the card works again.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
+import subprocess
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,31 +35,77 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from tests.cli.helpers import BIN, usbccid_env
 from tests.conftest import in_ci, require_tool
 from tests.vm.guest import Guest, build_image, cached_image
 from tests.vm.test_opensc import COOLKEY, IDS, LABELS, PIN, _run, _sha256_digest_info
 from tests.vm.test_pcscd import MAX_EVENT_LATENCY, Trigger, _report, _run_events
-from usbccid.cac.card import ATR_VCARD_NSS, CacCard
-from usbccid.cards.store import load_or_create_card
-from usbccid.frontends.vscard.server import VscardServer, VscardServerThread
+from usbccid.cac.card import ATR_VCARD_NSS
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
-SERIAL = "VSCARD"
 #: pcscd's name for QEMU's reader: "<Info.plist name> [<iInterface>] (<iSerialNumber>)".
-READER_PART = f"[CCID Interface] ({SERIAL})"
+READER_PART = "[CCID Interface]"
 
 
 @dataclass
 class Passthru:
-    """The front end (restartable on the same port) and the card it serves."""
+    """``usbccid serve --vscard`` (restartable on the same port) and its card's files."""
 
     state_dir: Path
-    card: CacCard
-    thread: VscardServerThread
-    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    qemu_options: str = ""
     reader: str = ""  # pcscd's full reader name, once seen
-    restarts: int = field(default=0)
+    restarts: int = 0
+
+    def start(self, port: int = 0) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    *(str(BIN), "serve", "--state-dir", str(self.state_dir), "--trace"),
+                    *("--vscard", f"127.0.0.1:{port}"),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=usbccid_env(),
+            )
+        deadline = time.monotonic() + 120
+        while True:
+            text = self.log.read_text(errors="replace")
+            banners = text.split("no USB/IP server")
+            if len(banners) > self.restarts + 1 and "control socket:" in banners[-1]:
+                break
+            assert self.proc.poll() is None, f"usbccid serve exited:\n{text}"
+            assert time.monotonic() < deadline, f"usbccid serve not ready:\n{text}"
+            time.sleep(0.1)
+        banner = banners[-1]
+        m = re.search(r"^reader reader0: vscard 127\.0\.0\.1:(\d+)$", banner, re.MULTILINE)
+        assert m, banner
+        self.port = int(m.group(1))
+        self.qemu_options = banner.split("(ccid-card-passthru):\n", 1)[1].splitlines()[0].strip()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def ctl(self, *args: str) -> str:
+        result = subprocess.run(
+            [str(BIN), "ctl", "--state-dir", str(self.state_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=usbccid_env(),
+            check=False,
+        )
+        assert result.returncode == 0, result
+        return result.stdout
 
     def certificate(self, index: int) -> x509.Certificate:
         path = self.state_dir / "cards" / "default" / f"container-{index:02d}.cert.pem"
@@ -68,23 +120,15 @@ class Passthru:
         return self.certificate(index).public_bytes(serialization.Encoding.DER)
 
 
-def _listen(card: CacCard, port: int) -> tuple[VscardServerThread, int]:
-    thread = VscardServerThread(card, name="vm").start()
-    _host, bound = thread.listen_tcp("127.0.0.1", port)
-    return thread, bound
-
-
 @pytest.fixture(scope="module")
 def passthru(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Passthru]:
-    state = tmp_path_factory.mktemp("vscard") / "state"
-    provisioned, store = load_or_create_card(state, datetime.now(UTC))
-    card = CacCard(provisioned.profile, store)
-    thread, port = _listen(card, 0)
-    p = Passthru(state, card, thread, port)
+    base = tmp_path_factory.mktemp("vscard")
+    p = Passthru(base / "state", base / "serve.log")
+    p.start()
     try:
         yield p
     finally:
-        p.thread.stop()
+        p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +139,9 @@ def vsc_guest(passthru: Passthru, tmp_path_factory: pytest.TempPathFactory) -> I
     image = cached_image()
     if image is None:
         pytest.skip("no cached guest image (scripts/vm/build-guest, as root)")
-    args = [
-        "-usb",
-        "-chardev",
-        f"socket,id=vsc,host=127.0.0.1,port={passthru.port},reconnect=1,nodelay=on",
-        "-device", f"usb-ccid,id=ccid0,serial={SERIAL}",
-        "-device", "ccid-card-passthru,chardev=vsc,bus=ccid0.0",
-    ]  # fmt: skip
+    # What the banner says to give QEMU, as it says it.
+    assert passthru.qemu_options.startswith("-usb -device usb-ccid -chardev socket,")
+    args = shlex.split(passthru.qemu_options)
     g = Guest(image, workdir=tmp_path_factory.mktemp("vm-vscard"), extra_qemu_args=args)
     try:
         g.start()
@@ -144,12 +184,11 @@ def test_pcscd_sees_qemus_reader_with_our_card(vsc_guest: Guest, passthru: Passt
     v = _wait_card(vsc_guest)
     passthru.reader = v["reader"]
     assert v["atr"] == ATR_VCARD_NSS.hex()  # ours, through the copy QEMU stored
-    status = passthru.thread.call(VscardServer.status)
-    (conn,) = status.connections
-    assert conn.holds_card
-    assert conn.client.state == "inserted"
-    assert conn.client.host_version == "0.0.2"
-    assert conn.client.reader_id == 0  # QEMU's one reader
+    (reader,) = json.loads(passthru.ctl("--json", "status"))["readers"]
+    assert reader["frontend"] == "vscard"
+    assert reader["client"].startswith("127.0.0.1:")  # QEMU's chardev
+    assert reader["slots"][0]["state"] == "active"
+    assert reader["slots"][0]["detail"] == f"QEMU {reader['client']}: inserted"
 
 
 def test_opensc_on_the_cac_card(vsc_guest: Guest, passthru: Passthru) -> None:
@@ -234,8 +273,8 @@ def test_card_removal_and_insertion_reach_pcscd(
     if not passthru.reader:
         passthru.reader = _wait_card(vsc_guest)["reader"]
     actions: dict[str, Callable[[], object]] = {
-        "remove": lambda: passthru.thread.call(VscardServer.remove),
-        "insert": lambda: passthru.thread.call(lambda f: f.insert(passthru.card)),
+        "remove": lambda: passthru.ctl("remove", "reader0"),
+        "insert": lambda: passthru.ctl("insert", "reader0"),
     }
     steps = [(a, passthru.reader, w) for a, w in [("remove", "empty"), ("insert", "present")] * 2]
     with Trigger(actions) as trigger:
@@ -254,18 +293,19 @@ def test_card_removal_and_insertion_reach_pcscd(
 def test_leaving_empties_the_reader_and_qemu_comes_back(
     vsc_guest: Guest, passthru: Passthru
 ) -> None:
-    """Stopping the front end sends CardRemove + ReaderRemove (QEMU ignores the chardev
+    """Stopping the server sends CardRemove + ReaderRemove (QEMU ignores the chardev
     closing, so without them the guest would keep a dead card); QEMU's chardev
-    (reconnect=1) finds a new front end on the same port, which adds the reader again."""
+    (reconnect=1) finds a new server on the same port, which adds the reader again."""
     if not passthru.reader:
         passthru.reader = _wait_card(vsc_guest)["reader"]
     probe = vsc_guest.put_file("vsc_state.py", STATE_PROBE)
-    passthru.thread.stop()
+    passthru.stop()
     r, v = _run(vsc_guest, f"python3 {probe} '{passthru.reader}' empty 30", timeout=90)
     assert v.get("state") == "empty", r
-    passthru.thread, port = _listen(passthru.card, passthru.port)
-    assert port == passthru.port
+    port = passthru.port
     passthru.restarts += 1
+    passthru.start(port)
+    assert passthru.port == port
     r, v = _run(
         vsc_guest,
         f"python3 {probe} '{passthru.reader}' present 60\n"
@@ -274,8 +314,8 @@ def test_leaving_empties_the_reader_and_qemu_comes_back(
     )
     assert v.get("state") == "present", r
     assert v.get("name") == "Common Access Card (CAC)", r
-    status = passthru.thread.call(VscardServer.status)
-    assert [c.client.state for c in status.connections] == ["inserted"], status
+    status = passthru.ctl("status")
+    assert "slot 0: active" in status, status
 
 
 #: ``python3 vsc_state.py READER empty|present SECONDS``: waits until pcscd reports the
