@@ -44,7 +44,8 @@ from usbccid.cac.card import ATR_VCARD_NSS
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
-#: pcscd's name for QEMU's reader: "<Info.plist name> [<iInterface>] (<iSerialNumber>)".
+#: pcscd's name for QEMU's reader: "Gemalto Gemplus USB SmartCard Reader 433-Swap (libccid's
+#: Info.plist name for 08e6:4433) [CCID Interface] (<iSerialNumber>) 00 00".
 READER_PART = "[CCID Interface]"
 
 
