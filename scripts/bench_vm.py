@@ -87,6 +87,7 @@ from tests.vm.guest import HOST, Guest, Result, build_image, cached_image  # noq
 PIN = "12345678"
 P12_PASSWORD = "usbccid-bench"
 CARD = "bench"
+PASSTHRU_CARD = "benchpt"
 NICKNAMES = ("cert1", "cert2", "cert3")
 #: QEMU packs "db=..., cert1..3" into 200 bytes (ccid-card-emulated): keep the path short.
 MAX_DB_PATH = 100
@@ -460,10 +461,14 @@ def usbccid_serve(
     PID, and (``passthru``) the port of its VSCard reader for QEMU's ccid-card-passthru."""
     cli = usbccid_cli()
     state = folder / "state"
-    args = [*cli, "card", "new", "--state-dir", str(state), "--name", CARD, "--pin", PIN, "-q"]
-    for pem, key, _p12 in keys:
-        args += ["--cert", str(pem), "--key", str(key)]
-    subprocess.run(args, check=True, capture_output=True, timeout=300)
+    # The passthru reader gets its own stored card with the same keys and certificates:
+    # two readers of one guest holding cards with one card ID (the token serial) confuse
+    # OpenSC's PKCS#11 module (C_Login: CKR_USER_ALREADY_LOGGED_IN on the second).
+    for name in (CARD, PASSTHRU_CARD) if passthru else (CARD,):
+        args = [*cli, "card", "new", "--state-dir", str(state), "--name", name, "--pin", PIN]
+        for pem, key, _p12 in keys:
+            args += ["--cert", str(pem), "--key", str(key)]
+        subprocess.run([*args, "-q"], check=True, capture_output=True, timeout=300)
     config = folder / "usbccid.toml"
     config.write_text(
         "\n".join(
@@ -484,7 +489,7 @@ def usbccid_serve(
                         'frontend = "vscard"',
                         'vscard = { listen = "127.0.0.1:0" }',
                         "  [[reader.slot]]",
-                        f'  card = "{CARD}"',
+                        f'  card = "{PASSTHRU_CARD}"',
                         "",
                     ]
                     if passthru
