@@ -213,16 +213,28 @@ if cfg["sigs"]:
     lib = PyKCS11.PyKCS11Lib()
     lib.load(OPENSC)
     sessions = {}
-    descs = []
-    for s in lib.getSlotList(tokenPresent=True):
-        # CK_SLOT_INFO.slotDescription is the reader name; OpenSC cuts it to 61 + "...".
-        desc = lib.getSlotInfo(s).slotDescription.strip()
-        descs.append(desc)
-        for label, name in names.items():
-            if desc == name or desc.endswith("...") and name.startswith(desc[:-3]):
-                sessions[label] = lib.openSession(s, PyKCS11.CKF_SERIAL_SESSION)
+    # CK_SLOT_INFO.slotDescription is the reader name; OpenSC cuts it to 61 + "...", which
+    # leaves QEMU's two usb-ccid readers ("Gemalto ... 433-Swap [CCID Interface] (SERIAL)")
+    # alike: each reader, in pcscd's order (which OpenSC's slots follow), takes the first
+    # unused slot that matches it.
+    slots = [(s, lib.getSlotInfo(s).slotDescription.strip())
+             for s in lib.getSlotList(tokenPresent=True)]
+    label_of = {name: label for label, name in names.items()}
+    used = set()
+    for name in [str(r) for r in readers()]:
+        if name not in label_of:
+            continue
+        for s, desc in slots:
+            if s not in used and (desc == name or desc.endswith("...")
+                                  and name.startswith(desc[:-3])):
+                used.add(s)
+                sessions[label_of[name]] = lib.openSession(s, PyKCS11.CKF_SERIAL_SESSION)
+                out[label_of[name]]["token_serial"] = lib.getTokenInfo(s).serialNumber.strip()
+                break
     if set(sessions) != set(labels):
-        raise SystemExit("PKCS#11 slots: %r, readers: %r" % (descs, names))
+        raise SystemExit("PKCS#11 slots: %r, readers: %r" % (slots, names))
+    if len({out[label]["token_serial"] for label in labels}) != len(labels):
+        raise SystemExit("two readers' tokens look alike: %r" % out)
     keys = {}
     mech = PyKCS11.Mechanism(PyKCS11.CKM_SHA256_RSA_PKCS, None)
     for label, session in sessions.items():
@@ -461,9 +473,9 @@ def usbccid_serve(
     PID, and (``passthru``) the port of its VSCard reader for QEMU's ccid-card-passthru."""
     cli = usbccid_cli()
     state = folder / "state"
-    # The passthru reader gets its own stored card with the same keys and certificates:
-    # two readers of one guest holding cards with one card ID (the token serial) confuse
-    # OpenSC's PKCS#11 module (C_Login: CKR_USER_ALREADY_LOGGED_IN on the second).
+    # The passthru reader gets its own stored card with the same keys and certificates
+    # and another card ID (the PKCS#11 token serial), so that the guest can tell the
+    # tokens apart (and checks that it did).
     for name in (CARD, PASSTHRU_CARD) if passthru else (CARD,):
         args = [*cli, "card", "new", "--state-dir", str(state), "--name", name, "--pin", PIN]
         for pem, key, _p12 in keys:
