@@ -111,3 +111,17 @@ def test_serve_vscard_shortcut() -> None:
 def test_endpoint_text_round_trip() -> None:
     for text in ("127.0.0.1:2001", "[::1]:5", "/run/q.sock"):
         assert parse_vscard_endpoint(text).describe() == text
+
+
+def test_the_examples_vscard_reader_parses() -> None:
+    text = (Path(__file__).resolve().parents[3] / "examples" / "usbccid.toml").read_text()
+    start = text.index('# name = "qemu"') - len("# [[reader]]\n")
+    block = text[start : text.index("\n\n", start)]
+    uncommented = "\n".join(
+        line[2:] if line.startswith("# ") else "" for line in block.splitlines()
+    )
+    (reader,) = parse(uncommented).readers
+    assert (reader.frontend, reader.vscard) == (
+        "vscard",
+        VscardConfig("listen", "127.0.0.1", 2001),
+    )

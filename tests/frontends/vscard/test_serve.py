@@ -117,7 +117,8 @@ def test_serve_vscard_ctl_trace_and_leave(state: Path) -> None:
         _handshake(peer)
         assert peer.apdu(SELECT_CCC)[-2:] == b"\x61\x0d"  # T=0: GET RESPONSE follows
         text = ctl(state, "status").stdout
-        assert f"reader reader0  vscard {host}:{port}  (used by 127.0.0.1:" in text
+        assert f"reader reader0  vscard {host}:{port}" in text
+        assert "(QEMU 127.0.0.1:" in text  # the slot detail: who holds the card
         assert "slot 0: active" in text
         assert "vscard_connections: 1" in text
 
