@@ -28,6 +28,13 @@ load on this shared machine:
   PKCS#11 module, one session per card, after one C_Login with the PIN (timed too); one
   signature per card is checked against the certificate read from it.
 
+A third reader (``--passthru``, the default) is our card inside QEMU's own usb-ccid
+device: a second ``-device usb-ccid`` holding ``-device ccid-card-passthru`` whose chardev
+connects to a VSCard reader (``frontend = "vscard"``) of the same ``usbccid serve``, with
+the same card. Against the reference it is the same reader code in QEMU (usb-ccid, UHCI)
+and only the card differs (ours over VSCard vs libcacard in QEMU); it runs in the same
+interleaved blocks and gets its own table.
+
 The table shows the median over ``--reps`` runs of each figure, the speed-up (ours /
 reference for rates, reference / ours for times: > 1 means we are faster) of the medians,
 and the median and range of the per-run speed-ups. Also timed, from the guest: plugging
@@ -80,9 +87,15 @@ from tests.vm.guest import HOST, Guest, Result, build_image, cached_image  # noq
 PIN = "12345678"
 P12_PASSWORD = "usbccid-bench"
 CARD = "bench"
+PASSTHRU_CARD = "benchpt"
 NICKNAMES = ("cert1", "cert2", "cert3")
 #: QEMU packs "db=..., cert1..3" into 200 bytes (ccid-card-emulated): keep the path short.
 MAX_DB_PATH = 100
+#: pcscd names QEMU's usb-ccid readers "Gemalto ... 433-Swap [CCID Interface] (SERIAL) ..":
+#: the reference's and our passthru reader's serial numbers tell them apart.
+REFERENCE_SERIAL, PASSTHRU_SERIAL = "REFERENCE", "PASSTHRU"
+REFERENCE_PART = f"[CCID Interface] ({REFERENCE_SERIAL})"
+PASSTHRU_PART = f"[CCID Interface] ({PASSTHRU_SERIAL})"
 
 # -- the guest side -----------------------------------------------------------------------
 
@@ -200,16 +213,28 @@ if cfg["sigs"]:
     lib = PyKCS11.PyKCS11Lib()
     lib.load(OPENSC)
     sessions = {}
-    descs = []
-    for s in lib.getSlotList(tokenPresent=True):
-        # CK_SLOT_INFO.slotDescription is the reader name; OpenSC cuts it to 61 + "...".
-        desc = lib.getSlotInfo(s).slotDescription.strip()
-        descs.append(desc)
-        for label, name in names.items():
-            if desc == name or desc.endswith("...") and name.startswith(desc[:-3]):
-                sessions[label] = lib.openSession(s, PyKCS11.CKF_SERIAL_SESSION)
+    # CK_SLOT_INFO.slotDescription is the reader name; OpenSC cuts it to 61 + "...", which
+    # leaves QEMU's two usb-ccid readers ("Gemalto ... 433-Swap [CCID Interface] (SERIAL)")
+    # alike: each reader, in pcscd's order (which OpenSC's slots follow), takes the first
+    # unused slot that matches it.
+    slots = [(s, lib.getSlotInfo(s).slotDescription.strip())
+             for s in lib.getSlotList(tokenPresent=True)]
+    label_of = {name: label for label, name in names.items()}
+    used = set()
+    for name in [str(r) for r in readers()]:
+        if name not in label_of:
+            continue
+        for s, desc in slots:
+            if s not in used and (desc == name or desc.endswith("...")
+                                  and name.startswith(desc[:-3])):
+                used.add(s)
+                sessions[label_of[name]] = lib.openSession(s, PyKCS11.CKF_SERIAL_SESSION)
+                out[label_of[name]]["token_serial"] = lib.getTokenInfo(s).serialNumber.strip()
+                break
     if set(sessions) != set(labels):
-        raise SystemExit("PKCS#11 slots: %r, readers: %r" % (descs, names))
+        raise SystemExit("PKCS#11 slots: %r, readers: %r" % (slots, names))
+    if len({out[label]["token_serial"] for label in labels}) != len(labels):
+        raise SystemExit("two readers' tokens look alike: %r" % out)
     keys = {}
     mech = PyKCS11.Mechanism(PyKCS11.CKM_SHA256_RSA_PKCS, None)
     for label, session in sessions.items():
@@ -267,7 +292,7 @@ while time.time() - t0 < limit:
 sys.exit(1)
 """
 
-#: ``python3 replug.py QMP_PORT DEVICES_JSON``: unplug QEMU's reader (QMP ``device_del
+#: ``python3 replug.py QMP_PORT DEVICES_JSON NAME_PART``: unplug QEMU's reader (QMP ``device_del
 #: ccid0`` over TCP to the host, wait for DEVICE_DELETED and for pcscd to drop it), then
 #: plug it in again (``device_add`` of each device in DEVICES_JSON); prints ``@@t0=`` (the
 #: time just before the first device_add) for wait.py.
@@ -279,7 +304,7 @@ import time
 
 from smartcard.System import readers
 
-port, devices = int(sys.argv[1]), json.loads(sys.argv[2])
+port, devices, part = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 sock = socket.create_connection(("10.0.2.2", port), timeout=60)
 stream = sock.makefile("rwb")
 
@@ -305,7 +330,7 @@ send("device_del", id="ccid0")
 until(lambda m: "return" in m)
 until(lambda m: m.get("event") == "DEVICE_DELETED" and m["data"].get("device") == "ccid0")
 end = time.time() + 60
-while any("CCID Interface" in str(r) for r in readers()):
+while any(part in str(r) for r in readers()):
     if time.time() > end:
         raise SystemExit("pcscd still lists QEMU's reader")
     time.sleep(0.1)
@@ -442,16 +467,20 @@ def usbccid_cli() -> list[str]:
 
 @contextlib.contextmanager
 def usbccid_serve(
-    folder: Path, keys: list[tuple[Path, Path, Path]], identity: str
-) -> Iterator[tuple[int, int]]:
-    """``usbccid card new`` with the keys, then ``usbccid serve --port 0``; yield its port
-    and PID."""
+    folder: Path, keys: list[tuple[Path, Path, Path]], identity: str, passthru: bool
+) -> Iterator[tuple[int, int, int | None]]:
+    """``usbccid card new`` with the keys, then ``usbccid serve --port 0``; yield its port,
+    PID, and (``passthru``) the port of its VSCard reader for QEMU's ccid-card-passthru."""
     cli = usbccid_cli()
     state = folder / "state"
-    args = [*cli, "card", "new", "--state-dir", str(state), "--name", CARD, "--pin", PIN, "-q"]
-    for pem, key, _p12 in keys:
-        args += ["--cert", str(pem), "--key", str(key)]
-    subprocess.run(args, check=True, capture_output=True, timeout=300)
+    # The passthru reader gets its own stored card with the same keys and certificates
+    # and another card ID (the PKCS#11 token serial), so that the guest can tell the
+    # tokens apart (and checks that it did).
+    for name in (CARD, PASSTHRU_CARD) if passthru else (CARD,):
+        args = [*cli, "card", "new", "--state-dir", str(state), "--name", name, "--pin", PIN]
+        for pem, key, _p12 in keys:
+            args += ["--cert", str(pem), "--key", str(key)]
+        subprocess.run([*args, "-q"], check=True, capture_output=True, timeout=300)
     config = folder / "usbccid.toml"
     config.write_text(
         "\n".join(
@@ -465,6 +494,19 @@ def usbccid_serve(
                 "  [[reader.slot]]",
                 f'  card = "{CARD}"',
                 "",
+                *(
+                    [
+                        "[[reader]]",
+                        'name = "passthru"',
+                        'frontend = "vscard"',
+                        'vscard = { listen = "127.0.0.1:0" }',
+                        "  [[reader.slot]]",
+                        f'  card = "{PASSTHRU_CARD}"',
+                        "",
+                    ]
+                    if passthru
+                    else []
+                ),
             ]
         )
     )
@@ -483,10 +525,14 @@ def usbccid_serve(
             if time.monotonic() > deadline:
                 raise SystemExit(f"usbccid serve not ready:\n{log_file.read_text()}")
             time.sleep(0.1)
-        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log_file.read_text())
+        text = log_file.read_text()
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
         if m is None:
-            raise SystemExit(f"no port in usbccid serve's output:\n{log_file.read_text()}")
-        yield int(m.group(1)), proc.pid
+            raise SystemExit(f"no port in usbccid serve's output:\n{text}")
+        vscard = re.search(r"^reader passthru: vscard 127\.0\.0\.1:(\d+)$", text, re.MULTILINE)
+        if passthru and vscard is None:
+            raise SystemExit(f"no VSCard port in usbccid serve's output:\n{text}")
+        yield int(m.group(1)), proc.pid, int(vscard.group(1)) if vscard else None
     finally:
         proc.terminate()
         try:
@@ -659,12 +705,13 @@ def replug_reference(
 ) -> tuple[float, str]:
     """device_del + device_add QEMU's reader from the guest; return (seconds from
     device_add to card in pcscd, reader name)."""
+    part = shlex.quote(REFERENCE_PART)
     r = guest.run(
-        f"python3 {replug} {qmp_port} {shlex.quote(json.dumps(devices))} >/tmp/replug.out "
-        "|| { cat /tmp/replug.out; exit 90; }\n"
+        f"python3 {replug} {qmp_port} {shlex.quote(json.dumps(devices))} {part} "
+        ">/tmp/replug.out || { cat /tmp/replug.out; exit 90; }\n"
         "cat /tmp/replug.out\n"
         f"t0=$(sed -n 's/^@@t0=//p' /tmp/replug.out)\n"
-        f"python3 {wait} 'CCID Interface' 120 \"$t0\"",
+        f'python3 {wait} {part} 120 "$t0"',
         timeout=240,
     )
     v = values(r)
@@ -734,6 +781,12 @@ def main() -> int:
         "--no-replug", action="store_true", help="do not time re-plugging QEMU's reader"
     )
     ap.add_argument(
+        "--passthru",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run our card through QEMU's usb-ccid + ccid-card-passthru (VSCard)",
+    )
+    ap.add_argument(
         "--no-fifo",
         action="store_true",
         help="leave QEMU's ccid/apdu thread at normal priority (shows QEMU's lost-wakeup hang)",
@@ -758,9 +811,10 @@ def main() -> int:
         if len(f"sql:{db}") > MAX_DB_PATH:
             raise SystemExit(f"NSS db path too long for QEMU: {db}")
         devices: list[dict[str, str]] = [
-            {"driver": "usb-ccid", "id": "ccid0"},
+            {"driver": "usb-ccid", "id": "ccid0", "serial": REFERENCE_SERIAL},
             {
                 "driver": "ccid-card-emulated",
+                "bus": "ccid0.0",
                 "backend": "certificates",
                 "db": f"sql:{db}",
                 **{f"cert{i}": n for i, n in enumerate(NICKNAMES, 1)},
@@ -776,11 +830,21 @@ def main() -> int:
         # QMP on the host's loopback; the guest reaches it at 10.0.2.2 to re-plug the reader.
         qmp_port = free_port()
         qemu_args += ["-qmp", f"tcp:127.0.0.1:{qmp_port},server=on,wait=off"]
-        with (
-            usbccid_serve(work, keys, args.identity) as (port, serve_pid),
-            Guest(image, workdir=work / "vm", keep_workdir=True, extra_qemu_args=qemu_args) as g,
-            contextlib.ExitStack() as stack,
-        ):
+        with contextlib.ExitStack() as stack:
+            port, serve_pid, vscard_port = stack.enter_context(
+                usbccid_serve(work, keys, args.identity, args.passthru)
+            )
+            if vscard_port is not None:
+                # Our card in a second usb-ccid, as the serve banner says (+ serial, bus).
+                qemu_args += [
+                    "-chardev",
+                    f"socket,id=vscb,host=127.0.0.1,port={vscard_port},reconnect=1,nodelay=on",
+                    "-device", f"usb-ccid,id=ccidp,serial={PASSTHRU_SERIAL}",
+                    "-device", "ccid-card-passthru,chardev=vscb,bus=ccidp.0",
+                ]  # fmt: skip
+            g = stack.enter_context(
+                Guest(image, workdir=work / "vm", keep_workdir=True, extra_qemu_args=qemu_args)
+            )
             log(f"guest booted in {g.boot_seconds:.1f} s; usbccid serve on port {port}")
             pid = qemu_pid(g)
             guard: FifoGuard | None = None
@@ -798,13 +862,21 @@ def main() -> int:
             replug = g.put_file("replug.py", GUEST_REPLUG)
             # The reference reader: present since boot. QEMU start -> card in pcscd.
             assert g.boot_seconds is not None
-            r = g.run(f"python3 {wait} 'CCID Interface' 120", timeout=150)
+            r = g.run(f"python3 {wait} {shlex.quote(REFERENCE_PART)} 120", timeout=150)
             v = values(r)
             if not r.ok or "name" not in v:
                 raise SystemExit(f"QEMU's reader is not in pcscd:\n{r}\n{g.console_tail()}")
             ref_ready = g.boot_seconds + r.elapsed
             ref = Reader("reference", v["name"])
             log(f"reference reader: {ref.name!r} (QEMU start -> visible <= {ref_ready:.1f} s)")
+            passthru: Reader | None = None
+            if vscard_port is not None:
+                r = g.run(f"python3 {wait} {shlex.quote(PASSTHRU_PART)} 120", timeout=150)
+                v = values(r)
+                if not r.ok or "name" not in v:
+                    raise SystemExit(f"our passthru reader is not in pcscd:\n{r}")
+                passthru = Reader("passthru", v["name"])
+                log(f"passthru reader: {passthru.name!r} (VSCard, port {vscard_port})")
 
             # Plug-in time, alternating: ours (usbip attach; detach before the next one),
             # QEMU's (device_del, then device_add over QMP), both started from the guest.
@@ -822,13 +894,15 @@ def main() -> int:
                     log(f"reference re-plugged: {ref.name!r} (device_add -> card {secs:.2f} s)")
             ours = Reader("ours", name)
 
-            samples: dict[str, list[Sample]] = {"ours": [], "reference": []}
+            samples: dict[str, list[Sample]] = {"ours": [], "reference": [], "passthru": []}
             serve_cpu: list[float] = []  # usbccid serve's CPU seconds in each run
             loads: list[float] = []  # the host's 1-minute load average after each run
             for rep in range(args.reps):
                 # Within a run the readers alternate block by block; across runs the
                 # first reader alternates too.
-                order = [ref, ours] if rep % 2 == 0 else [ours, ref]
+                order = [ref, ours] + ([passthru] if passthru is not None else [])
+                if rep % 2:
+                    order.reverse()
                 cpu0 = cpu_seconds(serve_pid)
                 got = run_workloads(g, bench, order, args)
                 serve_cpu.append(cpu_seconds(serve_pid) - cpu0)
@@ -844,21 +918,24 @@ def main() -> int:
                 log(f"QEMU ccid/apdu threads put on SCHED_FIFO: {len(guard.done)}")
             if ours_guard is not None:
                 log(f"usbccid serve threads put on SCHED_FIFO: {len(ours_guard.done)}")
-        o, f = samples["ours"], samples["reference"]
+        o, f, pt = samples["ours"], samples["reference"], samples["passthru"]
 
-        def row(what: str, attr: str, unit: str) -> Row:
-            return Row(what, [getattr(x, attr) for x in o], [getattr(x, attr) for x in f], unit)
+        def workload_rows(o: list[Sample], f: list[Sample]) -> list[Row]:
+            def row(what: str, attr: str, unit: str) -> Row:
+                return Row(what, [getattr(x, attr) for x in o], [getattr(x, attr) for x in f], unit)
 
-        rows = [
-            row(f"SELECT CCC x{args.selects} (pyscard)", "select_rate", "cmd/s"),
-            row("  APDU exchanges", "select_xchg_rate", "xchg/s"),
-            row(f"READ BUFFER 240 B x{args.reads} (pyscard)", "read_rate", "cmd/s"),
-            row("  APDU exchanges", "read_xchg_rate", "xchg/s"),
-            row("  payload", "read_kib_s", "KiB/s"),
-            row(f"RSA-2048 C_Sign x{args.sigs} (PyKCS11 + OpenSC)", "sign_rate", "sig/s"),
-            Row("C_Login (PIN)", [x.login_s * 1000 for x in o], [x.login_s * 1000 for x in f],
-                "ms", lower_is_better=True, digits=0),
-        ]  # fmt: skip
+            return [
+                row(f"SELECT CCC x{args.selects} (pyscard)", "select_rate", "cmd/s"),
+                row("  APDU exchanges", "select_xchg_rate", "xchg/s"),
+                row(f"READ BUFFER 240 B x{args.reads} (pyscard)", "read_rate", "cmd/s"),
+                row("  APDU exchanges", "read_xchg_rate", "xchg/s"),
+                row("  payload", "read_kib_s", "KiB/s"),
+                row(f"RSA-2048 C_Sign x{args.sigs} (PyKCS11 + OpenSC)", "sign_rate", "sig/s"),
+                Row("C_Login (PIN)", [x.login_s * 1000 for x in o], [x.login_s * 1000 for x in f],
+                    "ms", lower_is_better=True, digits=0),
+            ]  # fmt: skip
+
+        rows = workload_rows(o, f)
         print()
         print(
             f"usbccid ({args.identity} identity, USB/IP, vhci-hcd) vs QEMU 7.2 usb-ccid + "
@@ -892,6 +969,16 @@ def main() -> int:
             )
             + f"QEMU start -> reference card in pcscd {ref_ready:.1f} s (incl. guest boot)"
         )
+        if passthru is not None and pt:
+            print(
+                "\nours through QEMU's usb-ccid + ccid-card-passthru (VSCard, "
+                f"{passthru.name}) vs the reference (same usb-ccid code, libcacard card); "
+                f"'ours' column = passthru ({pt[0].protocol}, ATR {pt[0].atr}; SELECT "
+                f"{pt[0].select_xchg / args.selects:.2f} exchanges per command)"
+            )
+            if pt[0].cert_sha256 != f[0].cert_sha256:
+                print("WARNING: the passthru card returned a different certificate")
+            print(table(workload_rows(pt, f)))
         busy = [c / x.total_s for c, x in zip(serve_cpu, o, strict=True)]
         print(
             f"usbccid serve (host) CPU per run: median {median(serve_cpu):.2f} s, i.e. "

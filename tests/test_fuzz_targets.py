@@ -22,7 +22,7 @@ from usbccid.ccid.wire import IccPowerOn, XfrBlock, build_command
 from usbccid.usbip import wire
 
 FUZZ_DIR = Path(__file__).resolve().parent.parent / "scripts" / "fuzz"
-TARGETS = ("usbip", "ccid", "cac", "vpcd")
+TARGETS = ("usbip", "ccid", "cac", "vpcd", "vscard")
 
 
 class Target(Protocol):
@@ -73,6 +73,34 @@ REGRESSIONS: dict[str, list[tuple[str, bytes]]] = {
         (
             "reset in the middle of a reply",
             bytes([0x10, 1, 0x62, 0, 1, 0, 0, 0, 0, 6, 3, 0, 3, 0, 11, 3, 5]),
+        ),
+    ],
+    "vscard": [
+        # config 0x12 (payload bound 64, a card), then OP_RAW of a header declaring 65 bytes
+        (
+            "payload one over the bound",
+            bytes([0x12, 0, 12]) + bytes.fromhex("00000007 00000000 00000041"),
+        ),
+        # handshake, then an APDU held by the driver while the card is removed and a new
+        # one inserted: the old answer must not reach QEMU as the new card's
+        (
+            "answer for a replaced card",
+            bytes([0x12, 2, 0, 0, 1, 3, 0, 3, 0, 7, 3, 0, 5, 0, 0, 8, 10, 0x41, 0x42, 9, 0]),
+        ),
+        # found by the fuzzer: a job finished after leave() had cleared the queue under it
+        # (IndexError: pop from an empty deque)
+        (
+            "leave while the card works",
+            bytes.fromhex("120200000103000300070300050000086009000300"),
+        ),
+        # found by the fuzzer: insertions and removals with no job run in between queued
+        # a power-on (and a power-off) each: 17 jobs for the card
+        (
+            "the card comes and goes while nothing runs",
+            bytes.fromhex(
+                "120200ffffffffff5050ff50ff00000000000aff00ff505031ffffffff5dffff50505050"
+                "31ff5050ff0a00ff0afb0a00"
+            ),
         ),
     ],
     "cac": [

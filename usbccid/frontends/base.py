@@ -1,7 +1,9 @@
 """What every front end gives the composition root: readers that hold cards.
 
 A front end is how hosts reach readers: ``usbip`` exports each reader as a USB CCID device
-over USB/IP; ``vpcd`` connects each slot to vsmartcard's vpcd driver of pcscd. It builds one
+over USB/IP; ``vpcd`` connects each slot to vsmartcard's vpcd driver of pcscd;
+``vscard`` is one reader per ``ccid-card-passthru`` device of a QEMU, inside QEMU's own
+usb-ccid. It builds one
 :class:`FrontendReader` per configured reader (``add_reader``), runs whatever listening or
 connecting it needs between ``start`` and ``close``, and reports who is connected. It
 knows nothing of where cards come from: the composition root (``usbccid.tool.app``) loads
@@ -33,7 +35,8 @@ class FrontendReader(Protocol):
     @property
     def identity(self) -> DeviceIdentity | None:
         """The reader's USB identity (what pcscd shows as the reader's name); None for a
-        reader that is no USB device (vpcd: pcscd names it after its reader.conf)."""
+        reader that is no USB device of ours (vpcd: pcscd names it after its reader.conf;
+        vscard: the device is QEMU's usb-ccid)."""
         ...
 
     @property
@@ -54,7 +57,8 @@ class FrontendReader(Protocol):
         ...
 
     def slot_detail(self, slot: int) -> str | None:
-        """More about the slot for ``ctl status`` (vpcd: connected or why not), or None."""
+        """More about the slot for ``ctl status`` (vpcd: connected or why not; vscard:
+        which QEMU has it), or None."""
         ...
 
 

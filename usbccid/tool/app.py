@@ -1,7 +1,7 @@
 """The composition root: builds readers, cards and front ends from a Config, and runs them.
 
 It only composes. The cards come from their sources (``usbccid.cards.registry``), the
-readers from their front ends (``usbccid.frontends.registry``: USB/IP, vpcd); this module
+readers from their front ends (``usbccid.frontends.registry``: USB/IP, vpcd, VSCard); this module
 puts a fresh card object into each slot, wraps it for the status counters and ``--trace``
 (``usbccid.tool.trace``), gives the USB/IP front end a recording device factory for
 ``--pcap`` (``usbccid.tool.pcap``), and answers the control socket
@@ -402,7 +402,8 @@ class App:
             if (
                 len(rc.slots) != len(r.slots)
                 or rc.identity != r.config.identity
-                or (rc.frontend, rc.vpcd) != (r.config.frontend, r.config.vpcd)
+                or (rc.frontend, rc.vpcd, rc.vscard)
+                != (r.config.frontend, r.config.vpcd, r.config.vscard)
             ):
                 restart.append(f"reader {r.config.name}: front end, identity or slot count changed")
                 continue

@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="client network allowed to connect (repeatable; default: "
         "loopback only). Others are closed at accept",
     )
+    serve.add_argument(
+        "--vscard",
+        metavar="PORT|HOST:PORT|PATH",
+        help="instead of USB/IP, serve the default card to QEMU's ccid-card-passthru: "
+        "listen on 127.0.0.1:PORT, HOST:PORT or the UNIX socket PATH for its chardev "
+        "(prints the QEMU options)",
+    )
     _state_dir_arg(serve)
     serve.add_argument(
         "--trace", action="store_true", help="log every APDU (PINs and key operations redacted)"
@@ -364,11 +371,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_config,
         load_config,
         parse_hostport,
+        vscard_config,
         with_overrides,
         with_vpcd,
     )
 
     config = load_config(args.config) if args.config else default_config()
+    if args.vpcd is not None and args.vscard is not None:
+        raise UsageError("--vpcd and --vscard: the default card goes to one front end")
     if args.vpcd is not None:
         if args.config:
             raise UsageError(
@@ -388,6 +398,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(f"--vpcd: {exc}") from None
         config = with_vpcd(config, vpcd_host, vpcd_port)
+    if args.vscard is not None:
+        if args.config:
+            raise UsageError(
+                '--vscard is for the default card; with --config, give a reader frontend = "vscard"'
+            )
+        for option, value in (("--host", args.host), ("--port", args.port), ("--pcap", args.pcap)):
+            if value is not None:
+                raise UsageError(
+                    f"{option} is for the USB/IP server, which --vscard does not start"
+                )
+        config = vscard_config(args.vscard)
     config = with_overrides(
         config,
         host=args.host,

@@ -54,7 +54,7 @@ LOOPBACK_NETWORKS: Final = (
     ipaddress.ip_network("::1/128"),
 )
 MAX_SLOTS: Final = 8  # bMaxSlotIndex is a byte, but hosts and pcscd expect few slots
-FRONTENDS: Final = ("usbip", "vpcd")  # usbccid.frontends.registry, by name
+FRONTENDS: Final = ("usbip", "vpcd", "vscard")  # usbccid.frontends.registry, by name
 VPCD_PORT: Final = 35963  # vsmartcard vpcd.h VPCDPORT: where vpcd's slot 0 listens
 _BUS_ID = re.compile(r"^[0-9]+-[0-9]+(\.[0-9]+)*$")
 _READER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -93,6 +93,26 @@ class VpcdConfig:
 
 
 @dataclass(frozen=True)
+class VscardConfig:
+    """Where a ``frontend = "vscard"`` reader meets QEMU's ccid-card-passthru chardev:
+    ``listen`` (QEMU connects: ``-chardev socket,host=H,port=P`` or ``path=P``) or
+    ``connect`` (QEMU listens: ``server=on``), on TCP (host, port) or a UNIX socket
+    (path)."""
+
+    mode: str  # "listen" or "connect"
+    host: str | None = None
+    port: int | None = None
+    path: Path | None = None
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        assert self.host is not None
+        assert self.port is not None
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class ReaderConfig:
     name: str
     bus_id: str | None = None
@@ -101,6 +121,7 @@ class ReaderConfig:
     origin: str = ""
     frontend: str = "usbip"  # how hosts reach it: a name of FRONTENDS
     vpcd: VpcdConfig | None = None  # frontend "vpcd" only
+    vscard: VscardConfig | None = None  # frontend "vscard" only
 
 
 @dataclass(frozen=True)
@@ -141,6 +162,21 @@ def default_config() -> Config:
     return Config()
 
 
+def vscard_config(endpoint: str) -> Config:
+    """``usbccid serve --vscard ENDPOINT``: the default card, for QEMU's ccid-card-passthru
+    listening on ENDPOINT (see :func:`parse_vscard_endpoint`), and no USB/IP.
+
+    Raises:
+        ConfigError: ENDPOINT is not an endpoint.
+    """
+    try:
+        vscard = parse_vscard_endpoint(endpoint, "listen", Path.cwd())
+    except ValueError as exc:
+        raise ConfigError(str(exc), "--vscard") from None
+    reader = ReaderConfig(name="reader0", frontend="vscard", vscard=vscard, origin="--vscard")
+    return Config(readers=(reader,))
+
+
 # --------------------------------------------------------------------------- locating keys
 
 
@@ -149,7 +185,7 @@ def default_config() -> Config:
 
 _TOP_KEYS = ("server", "reader", "state_dir", "trace", "pcap", "log_level")
 _SERVER_KEYS = ("host", "port", "allow")
-_READER_KEYS = ("name", "frontend", "bus_id", "identity", "vpcd", "slot")
+_READER_KEYS = ("name", "frontend", "bus_id", "identity", "vpcd", "vscard", "slot")
 _VPCD_KEYS = ("host", "port")
 _IDENTITY_KEYS = (
     "preset",
@@ -161,6 +197,7 @@ _IDENTITY_KEYS = (
     "bcd_device",
 )
 _SLOT_KEYS = ("type", "inserted")
+_VSCARD_KEYS = ("listen", "connect")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
@@ -315,6 +352,26 @@ def _reader(
         vpcd = _vpcd(ck, t.get("vpcd", {}), (*path, "vpcd"), len(slots))
     elif "vpcd" in t:
         raise ck.fail((*path, "vpcd"), 'only for a reader with frontend = "vpcd"')
+    vscard = None
+    if frontend == "vscard":
+        for key in ("bus_id", "identity"):
+            if key in t:
+                raise ck.fail(
+                    (*path, key),
+                    f"a vscard reader has no {key.replace('_', ' ')} (the USB device is "
+                    "QEMU's usb-ccid)",
+                )
+        if len(slots) != 1:
+            raise ck.fail(
+                (*path, "slot", 1), "a vscard reader has one slot (QEMU's usb-ccid has one)"
+            )
+        if "vscard" not in t:
+            raise ck.fail(
+                path, 'a vscard reader needs vscard = { listen = "HOST:PORT" } or connect'
+            )
+        vscard = _vscard(ck, t["vscard"], (*path, "vscard"))
+    elif "vscard" in t:
+        raise ck.fail((*path, "vscard"), 'only for a reader with frontend = "vscard"')
     return ReaderConfig(
         name=name,
         bus_id=bus_id,
@@ -323,6 +380,7 @@ def _reader(
         origin=ck.origin(path),
         frontend=frontend,
         vpcd=vpcd,
+        vscard=vscard,
     )
 
 
@@ -338,6 +396,47 @@ def _vpcd(ck: Checker, raw: object, path: KeyPath, slots: int) -> VpcdConfig:
             f"port {port} is out of range 1-{65536 - slots} (slot N connects to port + N)",
         )
     return VpcdConfig(host=host, port=port)
+
+
+def _vscard(ck: Checker, raw: object, path: KeyPath) -> VscardConfig:
+    t = ck.table(raw, path, _VSCARD_KEYS)
+    given = [k for k in _VSCARD_KEYS if k in t]
+    if len(given) != 1:
+        raise ck.fail(path, "give either listen or connect (one endpoint per reader)")
+    mode = given[0]
+    text = ck.get(t, path, mode, str)
+    assert text is not None
+    try:
+        return parse_vscard_endpoint(text, mode, ck.base_dir)
+    except ValueError as exc:
+        raise ck.fail((*path, mode), str(exc)) from None
+
+
+def parse_vscard_endpoint(
+    text: str, mode: str = "listen", base_dir: Path | None = None
+) -> VscardConfig:
+    """``HOST:PORT``, ``[V6ADDR]:PORT``, ``PORT`` (on 127.0.0.1) or a UNIX socket path
+    (anything with a ``/``; relative to ``base_dir``).
+
+    Raises:
+        ValueError: none of these (the message says why).
+    """
+    if "/" in text:
+        path = Path(text)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return VscardConfig(mode=mode, path=path)
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = DEFAULT_HOST, text
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port_text.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT, PORT or a socket path (with a /)")
+    port = int(port_text)
+    low = 0 if mode == "listen" else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"port {port} is out of range {low}-65535")
+    return VscardConfig(mode=mode, host=host, port=port)
 
 
 def _identity(

@@ -47,8 +47,8 @@ class SlotStatus:
 @dataclass(frozen=True)
 class ReaderStatus:
     name: str
-    bus_id: str  # USB/IP: the bus id; vpcd: "HOST:PORT" of its slot 0
-    vendor_id: int | None  # None: no USB device (vpcd)
+    bus_id: str  # USB/IP: the bus id; vpcd: "HOST:PORT" of its slot 0; vscard: its endpoint
+    vendor_id: int | None  # None: no USB device of ours (vpcd, vscard)
     product_id: int | None
     product: str | None
     client: str | None  # "HOST:PORT" of the client that imported it, or None
