@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from usbccid.card import Card
+from usbccid.ccid.pinpad import PinPad
 from usbccid.errors import UsbccidError
 from usbccid.tool.config import ReaderConfig
 from usbccid.usbip.function import DeviceIdentity
@@ -51,6 +52,15 @@ class FrontendReader(Protocol):
     def slot_state(self, slot: int) -> str:
         """ "empty", "present" (card in, not powered) or "active" (powered)."""
         ...
+
+
+class PinPadReader(FrontendReader, Protocol):
+    """A reader that may have a PIN pad (the USB/IP CCID reader): ``pinpad`` is its keypad
+    (:class:`usbccid.ccid.pinpad.PinPad`) or None. Front ends without PC_to_RDR_Secure
+    need not have the attribute; the composition root asks with ``getattr``."""
+
+    @property
+    def pinpad(self) -> PinPad | None: ...
 
 
 class Frontend(Protocol):
