@@ -317,3 +317,22 @@ def test_digits_never_reach_logs_traces_or_the_pcap(
     assert new_pin.encode() not in captured
     assert PIN.encode() not in captured
     assert CAC_VERIFY in captured  # the template the host sent is there, FF padding only
+
+
+def test_serve_pinpad_options(tmp_path: Path, usbccid_state_template: Path) -> None:
+    import shutil
+
+    state = tmp_path / "state"
+    shutil.copytree(usbccid_state_template, state)
+    ok = run("serve", "--pinpad", "--keypad", "card-pin", "--check", "--state-dir", state)
+    assert ok.returncode == 0, ok.stderr
+    bad = run("serve", "--keypad", "12a4", "--check", "--state-dir", state)
+    assert bad.returncode == 2, bad
+    assert '"card-pin" or 1 to 32 digits' in bad.stderr
+    config = tmp_path / "c.toml"
+    config.write_text("[[reader]]\nname = 'x'\nkeypad = { enter = '1234' }\n")
+    assert_one_line_error(
+        run("serve", "--config", config, "--check", "--state-dir", state),
+        "c.toml:3:",
+        "needs a PIN pad",
+    )

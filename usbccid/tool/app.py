@@ -331,12 +331,11 @@ class App:
         if not report.waiting:
             return {"waiting": False}
         assert report.state is not None
+        # Not how many digits: the log would tell the PIN's length.
         log.info(
-            "reader %s slot %d: %d digit key(s) typed on the PIN pad (%d ignored)%s: %s",
+            "reader %s slot %d: keys typed on the PIN pad%s: %s",
             r.config.name,
             slot,
-            report.accepted,
-            report.ignored,
             ", then Cancel" if cancel else "",
             report.state.name.lower(),
         )
