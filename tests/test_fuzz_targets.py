@@ -22,7 +22,7 @@ from usbccid.ccid.wire import IccPowerOn, XfrBlock, build_command
 from usbccid.usbip import wire
 
 FUZZ_DIR = Path(__file__).resolve().parent.parent / "scripts" / "fuzz"
-TARGETS = ("usbip", "ccid", "cac", "pinpad")
+TARGETS = ("usbip", "ccid", "cac", "vpcd", "pinpad")
 
 
 class Target(Protocol):
@@ -92,6 +92,16 @@ REGRESSIONS: dict[str, list[tuple[str, bytes]]] = {
             "GET RESPONSE ending a chain",
             b"\x01\x00\x05\x10\xc0\x00\x00\x00\x00\x05\x00\xc0\x00\x00\x00",
         ),
+    ],
+    # config byte, then ops (scripts/fuzz/fuzz_vpcd.py): 1 = framed payload, 2 = control
+    # byte, 4 = run jobs, 5 = take a job, 6 = finish a held job, 7 = remove
+    "vpcd": [
+        ("a 64 KiB frame announced, then EOF", bytes([0, 0, 2, 0xFF, 0xFF, 8])),
+        (
+            "removal while a slow card works, then its result",
+            bytes([1, 2, 1, 4, 1, 4, 0x80, 0x14, 0, 0, 5, 7, 6, 0]),
+        ),
+        ("a response one byte too long for a frame", bytes([0, 1, 4, 0x80, 0x12, 0xFF, 0xFE, 4])),
     ],
 }
 

@@ -266,7 +266,10 @@ def usbccid_server(
             stopped = asyncio.Event()
             try:
                 app = App(config)
-                host, port = await app.start()
+                address = await app.start()
+                if address is None:
+                    raise ValueError("usbccid_server needs a reader on USB/IP")
+                host, port = address
             except BaseException as exc:
                 started.set_exception(exc)
                 return

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from usbccid.cac.apdu import ResponseApdu
 from usbccid.cac.card import CacCard
+from usbccid.cac.profile import Container
 
 PKI0 = "A0 00 00 00 79 01 00"
 PKI1 = "A0 00 00 00 79 01 01"
@@ -21,6 +24,13 @@ def h(text: str) -> bytes:
 
 def hx(data: bytes) -> str:
     return data.hex(" ").upper()
+
+
+def software_key(card: CacCard, index: int) -> rsa.RSAPrivateKey:
+    """The private key of a software card's container ``index``."""
+    container = card.profile.containers[index]
+    assert isinstance(container, Container)
+    return container.private_key
 
 
 def pin_block(pin: bytes) -> bytes:

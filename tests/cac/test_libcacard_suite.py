@@ -15,7 +15,19 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.cac.conftest import PIN
-from tests.cac.helpers import ACA, ACA_ALT, CCC, GP, MSFT, PKI0, PKI1, PKI2, Session, h
+from tests.cac.helpers import (
+    ACA,
+    ACA_ALT,
+    CCC,
+    GP,
+    MSFT,
+    PKI0,
+    PKI1,
+    PKI2,
+    Session,
+    h,
+    software_key,
+)
 from tests.cac.test_tlv_and_rsa import emsa_pkcs1_v15
 from usbccid.cac.card import ATR_VCARD_NSS, CacCard
 from usbccid.cac.profile import CardProfile
@@ -216,7 +228,7 @@ def test_login(s: Session) -> None:
 @pytest.mark.parametrize("pki", [PKI0, PKI1])
 def test_sign(s: Session, card: CacCard, pki: str) -> None:
     index = int(pki[-2:], 16)
-    key = card.profile.containers[index].private_key
+    key = software_key(card, index)
     block = emsa_pkcs1_v15(b"libcacard sign", 256)
     expected = key.sign(b"libcacard sign", padding.PKCS1v15(), hashes.SHA256())
     assert s.verify(PIN) == 0x9000
@@ -239,7 +251,7 @@ def test_sign(s: Session, card: CacCard, pki: str) -> None:
 
 def test_sign_short_le_ff(s: Session, card: CacCard) -> None:
     # OpenSC over T=1 sends the last step with Le=FF: 256 bytes cannot fit, so 61 00.
-    key = card.profile.containers[0].private_key
+    key = software_key(card, 0)
     block = emsa_pkcs1_v15(b"x", 256)
     s.verify(PIN)
     s.select(PKI0, 0x0C)
@@ -250,7 +262,7 @@ def test_sign_short_le_ff(s: Session, card: CacCard) -> None:
 
 
 def test_decipher(s: Session, card: CacCard) -> None:
-    key = card.profile.containers[2].private_key
+    key = software_key(card, 2)
     ciphertext = key.public_key().encrypt(b"1234567890\n", padding.PKCS1v15())
     s.verify(PIN)
     s.select(PKI2, 0x0C)

@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tests.cac.conftest import PIN, UNBLOCK_CODE, counting_random, make_profile
 from tests.cac.helpers import pin_block
+from usbccid.cac.applets.pin import PinService
 from usbccid.cac.card import CacCard
 from usbccid.cac.profile import MemoryPinStateStore
 
@@ -191,6 +192,7 @@ class CardMachine(RuleBasedStateMachine):
     @invariant()
     def counters(self) -> None:
         pin = self.card.pin
+        assert isinstance(pin, PinService)
         assert 0 <= pin.tries_left == self.tries
         assert 0 <= pin.unblock_tries_left == self.unblock_tries
         saved = self.store.load()

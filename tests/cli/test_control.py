@@ -237,7 +237,7 @@ def test_status_with_a_waiting_pin_pad() -> None:
             ReaderStatus(
                 **{
                     **{f: getattr(reader, f) for f in reader.__dataclass_fields__},
-                    "slots": (SlotStatus(0, "active", "stored card", prompt),),
+                    "slots": (SlotStatus(0, "active", "stored card", pinpad=prompt),),
                     "pinpad": True,
                 }
             ),

@@ -39,7 +39,7 @@ from usbccid.cac.applets.buffers import (
     INS_UPDATE_BUFFER,
 )
 from usbccid.cac.applets.ccc import CCC_AID, CccApplet
-from usbccid.cac.applets.pin import PinService
+from usbccid.cac.applets.pin import CardPin, PinService, TokenPinService
 from usbccid.cac.applets.pki import MAX_PKI_CONTAINERS, EmptyPkiApplet, PkiApplet
 from usbccid.cac.applets.windows import (
     GP_AID,
@@ -48,7 +48,13 @@ from usbccid.cac.applets.windows import (
     MsftPnpApplet,
 )
 from usbccid.cac.errors import CardError
-from usbccid.cac.profile import CardProfile, PinStateStore
+from usbccid.cac.profile import (
+    CardProfile,
+    Container,
+    PinStateStore,
+    TokenCardProfile,
+    TokenContainer,
+)
 from usbccid.cac.sw import SW, bytes_remaining
 
 #: The ATR virt_cacard presents (libcacard ``vcard_emul_get_atr``): TS=3B, T0=89 (TD1,
@@ -103,17 +109,20 @@ class CacCard:
     """A DoD CAC (GSC-IS 2.1) holding ``profile``'s containers; implements ``Card``.
 
     Args:
-        profile: containers (one PKI applet each, in order), card id and PIN policy.
+        profile: containers (one PKI applet each, in order), card id and PIN policy; or,
+            for a card mirroring a token, containers holding key handles and the token
+            login that is the card's PIN. A token card is ``blocking``: its power on/off
+            (logout) and its commands may do token I/O.
         pin_store: where the PIN state lives; loaded now, saved before each answer that
-            changes it.
+            changes it. Required for a :class:`CardProfile`, unused for a token.
         atr: the ATR returned by :meth:`power_on`.
         random_bytes: the source of GET CHALLENGE bytes.
     """
 
     def __init__(
         self,
-        profile: CardProfile,
-        pin_store: PinStateStore,
+        profile: CardProfile | TokenCardProfile,
+        pin_store: PinStateStore | None = None,
         *,
         atr: bytes = ATR_VCARD_NSS,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
@@ -122,9 +131,16 @@ class CacCard:
             raise ValueError(f"a CAC holds 1 to {MAX_PKI_CONTAINERS} PKI containers")
         self.profile = profile
         self.atr = atr
-        self._pin = PinService(profile.pin_policy, pin_store)
+        self._pin: CardPin
+        if isinstance(profile, TokenCardProfile):
+            self._pin = TokenPinService(profile.login)
+        elif pin_store is None:
+            raise ValueError("a card with its own PIN needs a PIN state store")
+        else:
+            self._pin = PinService(profile.pin_policy, pin_store)
         self._ctx = CardContext(pin=self._pin, random_bytes=random_bytes)
-        self.pki_applets = [PkiApplet(i, c) for i, c in enumerate(profile.containers)]
+        containers: tuple[Container | TokenContainer, ...] = profile.containers
+        self.pki_applets = [PkiApplet(i, c) for i, c in enumerate(containers)]
         # coolkey needs PKI instances 0-2 (see EmptyPkiApplet): pad with empty containers.
         self.empty_pki_applets = [
             EmptyPkiApplet(i) for i in range(len(self.pki_applets), MIN_PKI_APPLETS)
@@ -143,7 +159,9 @@ class CacCard:
             for aid in applet.aids:
                 assert aid not in self._by_aid, "duplicate AID"
                 self._by_aid[aid] = applet
-        self._blocking = any(a.key_bits >= BLOCKING_KEY_BITS for a in self.pki_applets)
+        self._blocking = isinstance(profile, TokenCardProfile) or any(
+            a.key_bits >= BLOCKING_KEY_BITS for a in self.pki_applets
+        )
         #: Card-level instructions (whatever applet is selected); the rest go to the applet.
         self._card_commands: dict[int, Callable[[CommandApdu], bytes]] = {
             INS_SELECT: self._select,
@@ -180,7 +198,7 @@ class CacCard:
     # -- state -------------------------------------------------------------------
 
     @property
-    def pin(self) -> PinService:
+    def pin(self) -> CardPin:
         return self._pin
 
     @property

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from usbccid.cards import cac
+from usbccid.cards import cac, nss, pkcs11
 from usbccid.cards.source import LoadedCard
 from usbccid.tool.schema import Checker, KeyPath
 
@@ -47,6 +47,8 @@ class CardSource(Protocol):
 
 SOURCES: dict[str, CardSource] = {
     cac.TYPE: cac,
+    pkcs11.TYPE: pkcs11,
+    nss.TYPE: nss,
 }
 
 

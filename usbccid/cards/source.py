@@ -9,9 +9,11 @@ whether a reload changed it. Failures are one :class:`CardLoadError` line.
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives import hashes
 
@@ -48,6 +50,29 @@ class LoadedCard(Protocol):
 
     def same_card(self, other: LoadedCard) -> bool:
         """Whether ``other`` (a reload of the configuration) is this same card."""
+        ...
+
+
+class CardChange(enum.Enum):
+    """What a watched card's source saw happen to the card (a token left or came back)."""
+
+    REMOVED = "removed"
+    INSERTED = "inserted"
+
+
+@runtime_checkable
+class WatchedCard(Protocol):
+    """A loaded card that comes and goes by itself (a token in a slot): the composition
+    root calls :meth:`poll` every ``poll_interval`` seconds, off the event loop, and
+    removes or inserts the card in its slot accordingly."""
+
+    @property
+    def poll_interval(self) -> float | None:
+        """Seconds between polls; None: not watched."""
+        ...
+
+    def poll(self) -> Sequence[CardChange]:
+        """Look (slow I/O: call it on a worker thread); the changes since the last poll."""
         ...
 
 

@@ -1,7 +1,7 @@
 """What every front end gives the composition root: readers that hold cards.
 
 A front end is how hosts reach readers: ``usbip`` exports each reader as a USB CCID device
-over USB/IP today; ``vpcd`` and ``vscard`` are next. It builds one
+over USB/IP; ``vpcd`` connects each slot to vsmartcard's vpcd driver of pcscd. It builds one
 :class:`FrontendReader` per configured reader (``add_reader``), runs whatever listening or
 connecting it needs between ``start`` and ``close``, and reports who is connected. It
 knows nothing of where cards come from: the composition root (``usbccid.tool.app``) loads
@@ -32,8 +32,9 @@ class FrontendReader(Protocol):
         ...
 
     @property
-    def identity(self) -> DeviceIdentity:
-        """The reader's USB identity (what pcscd shows as the reader's name)."""
+    def identity(self) -> DeviceIdentity | None:
+        """The reader's USB identity (what pcscd shows as the reader's name); None for a
+        reader that is no USB device (vpcd: pcscd names it after its reader.conf)."""
         ...
 
     @property
@@ -51,6 +52,10 @@ class FrontendReader(Protocol):
 
     def slot_state(self, slot: int) -> str:
         """ "empty", "present" (card in, not powered) or "active" (powered)."""
+        ...
+
+    def slot_detail(self, slot: int) -> str | None:
+        """More about the slot for ``ctl status`` (vpcd: connected or why not), or None."""
         ...
 
 

@@ -11,8 +11,10 @@ from collections.abc import Callable
 
 from usbccid.frontends.base import Frontend
 from usbccid.frontends.usbip.frontend import UsbipFrontend
+from usbccid.frontends.vpcd.frontend import VpcdFrontends
 from usbccid.tool.config import Config
 
 FRONTENDS: dict[str, Callable[[Config], Frontend]] = {
     "usbip": UsbipFrontend,
+    "vpcd": VpcdFrontends,
 }

@@ -1,7 +1,7 @@
 """The composition root: builds readers, cards and front ends from a Config, and runs them.
 
 It only composes. The cards come from their sources (``usbccid.cards.registry``), the
-readers from their front ends (``usbccid.frontends.registry``: USB/IP today); this module
+readers from their front ends (``usbccid.frontends.registry``: USB/IP, vpcd); this module
 puts a fresh card object into each slot, wraps it for the status counters and ``--trace``
 (``usbccid.tool.trace``), gives the USB/IP front end a recording device factory for
 ``--pcap`` (``usbccid.tool.pcap``), and answers the control socket
@@ -16,6 +16,7 @@ own the event loop; ``usbccid.testing`` runs it inside a test process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -29,12 +30,13 @@ from typing import IO, Any
 from usbccid import __version__
 from usbccid.card import Card
 from usbccid.cards.registry import CardSourceConfig, load_card
-from usbccid.cards.source import LoadedCard
+from usbccid.cards.source import CardChange, LoadedCard, WatchedCard
 from usbccid.cards.store import StateError
 from usbccid.ccid.pinpad import PinPad
 from usbccid.ccid.pinpad import PinPrompt as Prompt
 from usbccid.errors import UsbccidError
-from usbccid.frontends.base import FrontendError, FrontendReader
+from usbccid.frontends.base import Frontend, FrontendError, FrontendReader
+from usbccid.frontends.registry import FRONTENDS
 from usbccid.frontends.usbip.frontend import UsbipFrontend
 from usbccid.tool import config as cfg
 from usbccid.tool.control import (
@@ -53,6 +55,10 @@ from usbccid.usbip.device import VirtualDevice
 from usbccid.usbip.function import DeviceIdentity, UsbFunction
 
 log = logging.getLogger(__name__)
+
+
+#: How often the token watcher wakes up (each card's own poll_interval decides its polls).
+WATCH_TICK = 0.25
 
 
 class AppError(UsbccidError):
@@ -138,8 +144,11 @@ class App:
         self._pcap: UsbPcapWriter | None = None
         self._pcap_file: IO[bytes] | None = None
         self._control: ControlServer | None = None
+        self._watches: list[asyncio.Task[None]] = []
         _ensure_dir(self.state_dir)
         self.usbip = UsbipFrontend(config, self._make_device)
+        #: the front ends in use, by name (built when a reader needs one)
+        self.frontends: dict[str, Frontend] = {}
         self.readers = self._build()
 
     # -- building ------------------------------------------------------------------
@@ -164,7 +173,7 @@ class App:
         for rc in self.config.readers:
             slots = [_Slot(sc, self._load(sc.card, rc.origin)) for sc in rc.slots]
             try:
-                reader = self.usbip.add_reader(rc)
+                reader = self._frontend(rc.frontend).add_reader(rc)
             except FrontendError as exc:
                 raise AppError(str(exc)) from None
             r = _Reader(rc, reader, slots)
@@ -175,6 +184,14 @@ class App:
                     self._insert(r, index)
             readers.append(r)
         return readers
+
+    def _frontend(self, name: str) -> Frontend:
+        frontend = self.frontends.get(name)
+        if frontend is None:
+            # USB/IP's devices record to --pcap: its front end is built with our factory
+            frontend = self.usbip if name == "usbip" else FRONTENDS[name](self.config)
+            self.frontends[name] = frontend
+        return frontend
 
     def _make_device(self, identity: DeviceIdentity, function: UsbFunction) -> VirtualDevice:
         device = CapturedDevice(identity, function)
@@ -205,7 +222,11 @@ class App:
             raise ControlError(f"reader {r.config.name} slot {index} is configured empty")
         if slot.inserted:
             return
-        r.reader.insert(index, self._card(r, index, slot.card))
+        try:
+            card = self._card(r, index, slot.card)
+        except UsbccidError as exc:  # a token card whose token is not there
+            raise ControlError(str(exc)) from None
+        r.reader.insert(index, card)
         slot.inserted = True
         r.counters["insertions"] = r.counters.get("insertions", 0) + 1
 
@@ -219,8 +240,9 @@ class App:
 
     # -- running -------------------------------------------------------------------
 
-    async def start(self) -> tuple[str, int]:
-        """Listen for control requests and USB/IP; returns the bound (host, port).
+    async def start(self) -> tuple[str, int] | None:
+        """Listen for control requests, start the front ends; returns the USB/IP
+        server's bound (host, port), None when no reader is on USB/IP.
 
         The control socket comes first: it is how a second server on the same state
         directory finds out, before it touches any port.
@@ -229,33 +251,87 @@ class App:
             socket_path(self.state_dir, os.environ.get("RUNTIME_DIRECTORY")), self
         )
         await control.start()
+        started: list[Frontend] = []
         try:
-            await self.usbip.start()
+            for frontend in self.frontends.values():
+                await frontend.start()
+                started.append(frontend)
         except FrontendError as exc:
+            for frontend in started:
+                await frontend.close()
             await control.close()
             raise AppError(str(exc)) from None
         self._control = control
-        assert self.usbip.address is not None
-        return self.usbip.address
+        self._watches.append(asyncio.create_task(self._watch()))
+        return self.address
+
+    async def _watch(self) -> None:
+        """Follow watched cards (tokens) out of their slots and back in.
+
+        Each slot holding a :class:`WatchedCard` is polled every ``poll_interval`` seconds;
+        the poll is token I/O, so it runs on a worker thread, and the slot changes on the
+        loop. The slots' cards are read afresh each round, so a reload's cards are watched.
+        """
+        due: dict[tuple[int, int], float] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WATCH_TICK)
+            for ri, r in enumerate(self.readers):
+                for index, slot in enumerate(r.slots):
+                    loaded = slot.card
+                    if not isinstance(loaded, WatchedCard) or loaded.poll_interval is None:
+                        continue
+                    if loop.time() < due.get((ri, index), 0.0):
+                        continue
+                    due[ri, index] = loop.time() + loaded.poll_interval
+                    try:
+                        changes = await asyncio.to_thread(loaded.poll)
+                    except Exception:
+                        log.exception("reader %s slot %d: token poll failed", r.config.name, index)
+                        continue
+                    if r.slots[index].card is loaded:  # not reloaded meanwhile
+                        self._follow(r, index, changes)
+
+    def _follow(self, r: _Reader, index: int, changes: Sequence[CardChange]) -> None:
+        for change in changes:
+            log.info("reader %s slot %d: token %s", r.config.name, index, change.value)
+            if change is CardChange.REMOVED:
+                self._remove(r, index)
+                continue
+            try:
+                self._insert(r, index)
+            except ControlError as exc:
+                log.warning("reader %s slot %d: %s", r.config.name, index, exc)
+        if changes:
+            self.poke()
 
     @property
     def address(self) -> tuple[str, int] | None:
-        return self.usbip.address
+        """The USB/IP server's (host, port), once listening; None without one."""
+        return self.usbip.address if "usbip" in self.frontends else None
 
     @property
     def control_path(self) -> Path | None:
         return self._control.path if self._control is not None else None
 
     async def close(self) -> None:
+        for task in self._watches:
+            task.cancel()
+        for task in self._watches:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watches.clear()
         if self._control is not None:
             await self._control.close()
-        await self.usbip.close()
+        for frontend in self.frontends.values():
+            await frontend.close()
         if self._pcap_file is not None:
             self._pcap_file.close()
             self._pcap_file = None
 
     def poke(self) -> None:
-        self.usbip.poke()
+        for frontend in self.frontends.values():
+            frontend.poke()
 
     # -- ServerState ---------------------------------------------------------------
 
@@ -278,28 +354,35 @@ class App:
                 state = r.reader.slot_state(index) if slot.inserted else "empty"
                 card = slot.card.description if slot.card is not None else None
                 prompt = _prompt(pad.prompt(index), self._clock()) if pad is not None else None
-                slots.append(SlotStatus(index=index, state=state, card=card, pinpad=prompt))
+                detail = r.reader.slot_detail(index)
+                slots.append(
+                    SlotStatus(index=index, state=state, card=card, detail=detail, pinpad=prompt)
+                )
             identity = r.reader.identity
             readers.append(
                 ReaderStatus(
                     name=r.config.name,
                     bus_id=r.reader.address,
-                    vendor_id=identity.vendor_id,
-                    product_id=identity.product_id,
-                    product=identity.product,
+                    vendor_id=identity.vendor_id if identity is not None else None,
+                    product_id=identity.product_id if identity is not None else None,
+                    product=identity.product if identity is not None else None,
                     client=r.reader.client,
                     slots=tuple(slots),
                     counters=dict(r.counters),
+                    frontend=r.config.frontend,
                     pinpad=pad is not None,
                 )
             )
+        counters: dict[str, int] = {}
+        for frontend in self.frontends.values():
+            counters.update(frontend.counters())
         return ServerStatus(
             version=__version__,
-            listen=self.usbip.listen(),
+            listen=self.usbip.listen() if "usbip" in self.frontends else "",
             pid=os.getpid(),
             uptime=time.monotonic() - self.started,
             readers=tuple(readers),
-            counters=self.usbip.counters(),
+            counters=counters,
         )
 
     def insert(self, reader: str, slot: int) -> None:
@@ -379,8 +462,12 @@ class App:
             rc = by_name.get(r.config.name)
             if rc is None:
                 continue
-            if len(rc.slots) != len(r.slots) or rc.identity != r.config.identity:
-                restart.append(f"reader {r.config.name}: identity or slot count changed")
+            if (
+                len(rc.slots) != len(r.slots)
+                or rc.identity != r.config.identity
+                or (rc.frontend, rc.vpcd) != (r.config.frontend, r.config.vpcd)
+            ):
+                restart.append(f"reader {r.config.name}: front end, identity or slot count changed")
                 continue
             for index, sc in enumerate(rc.slots):
                 try:
@@ -411,24 +498,33 @@ class App:
     # -- for humans ----------------------------------------------------------------
 
     def banner(self) -> list[str]:
-        lines = [f"usbccid {__version__}: USB/IP server listening on {self.usbip.listen()}"]
+        if "usbip" in self.frontends:
+            lines = [f"usbccid {__version__}: USB/IP server listening on {self.usbip.listen()}"]
+        else:
+            lines = [f"usbccid {__version__}: no USB/IP server (no reader is on USB/IP)"]
         for r in self.readers:
-            lines.append(
-                f"reader {r.config.name}: bus id {r.reader.address}, "
-                f"{r.reader.identity.vendor_id:04x}:{r.reader.identity.product_id:04x} "
-                f"{r.reader.identity.product}"
-            )
+            identity = r.reader.identity
+            if identity is None:
+                lines.append(f"reader {r.config.name}: {r.config.frontend} {r.reader.address}")
+            else:
+                lines.append(
+                    f"reader {r.config.name}: bus id {r.reader.address}, "
+                    f"{identity.vendor_id:04x}:{identity.product_id:04x} {identity.product}"
+                )
             for index, slot in enumerate(r.slots):
                 if slot.card is None:
                     lines.append(f"  slot {index}: empty")
                     continue
                 where = "inserted" if slot.inserted else "removed"
+                pin = slot.card.current_pin
                 lines.append(
-                    f"  slot {index}: {slot.card.description}, {where}, PIN {slot.card.current_pin}"
+                    f"  slot {index}: {slot.card.description}, {where}, "
+                    + (f"PIN {pin}" if pin is not None else "PIN: the token's")
                 )
                 if slot.card.ca_file is not None:
                     lines.append(f"    test CA certificate: {slot.card.ca_file}")
-        lines += self.usbip.banner()
+        for frontend in self.frontends.values():
+            lines += frontend.banner()
         if self._control is not None:
             lines.append(f"control socket: {self._control.path}")
         return lines
@@ -479,12 +575,14 @@ def serve(config: cfg.Config, announce: Callable[[str], None]) -> None:
 async def _serve(config: cfg.Config, announce: Callable[[str], None]) -> None:
     app = App(config)
     try:
-        host, _ = await app.start()
+        address = await app.start()
     except BaseException:
         await app.close()
         raise
+    host = address[0] if address is not None else None
     if (
-        host not in ("127.0.0.1", "::1", "localhost")
+        host is not None
+        and host not in ("127.0.0.1", "::1", "localhost")
         and config.server.allow == cfg.LOOPBACK_NETWORKS
     ):
         log.warning(

@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Wireshark decodes it down to the CCID messages)",
     )
     serve.add_argument(
+        "--vpcd",
+        nargs="?",
+        const="",
+        metavar="HOST:PORT",
+        help="no USB/IP: put the default card into pcscd's virtual reader instead, by "
+        "connecting to vsmartcard's vpcd driver (default 127.0.0.1:35963; Debian: "
+        "apt-get install pcscd vsmartcard-vpcd). No kernel module, no root",
+    )
+    serve.add_argument(
         "--pinpad",
         action="store_true",
         help="give the reader(s) a PIN pad: PC_to_RDR_Secure, typed with 'usbccid ctl pinpad'",
@@ -244,12 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
     _common(new)
     show = card_sub.add_parser(
         "show",
-        help="show a stored card",
-        description="Show a stored card: its containers, certificates, PIN and retry counters.",
+        help="show a stored card, or the card of a token or an NSS database",
+        description="Show a stored card: its containers, certificates, PIN and retry counters. "
+        "With --config and --slot, the card a configured slot holds (any type); with "
+        "--pkcs11-module or --nss-db, the card that token or database makes.",
     )
     _state_dir_arg(show)
     show.add_argument("--name", default="default", help="the card (default: default)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.add_argument("--config", type=Path, metavar="FILE", help="a configuration file")
+    show.add_argument(
+        "--slot", metavar="READER[:N]", help="with --config: the reader (name or bus id), slot N"
+    )
+    show.add_argument("--pkcs11-module", metavar="PATH", help="a PKCS#11 module")
+    show.add_argument("--token-label", metavar="LABEL", help="with --pkcs11-module")
+    show.add_argument("--token-serial", metavar="SERIAL", help="with --pkcs11-module")
+    show.add_argument("--nss-db", metavar="DB", help='an NSS database ("sql:/path")')
+    show.add_argument(
+        "--cert",
+        action="append",
+        metavar="NICKNAME",
+        help="with --nss-db: a certificate nickname (repeat, in container order)",
+    )
     _common(show)
     lst = card_sub.add_parser("list", help="list the stored cards")
     _state_dir_arg(lst)
@@ -386,9 +411,37 @@ def _state_dir(args: argparse.Namespace, configured: Path | None = None) -> Path
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from usbccid.tool import app
-    from usbccid.tool.config import default_config, load_config, with_overrides
+    from usbccid.tool.config import (
+        VPCD_PORT,
+        default_config,
+        load_config,
+        parse_hostport,
+        with_overrides,
+        with_vpcd,
+    )
 
     config = load_config(args.config) if args.config else default_config()
+    if args.vpcd is not None:
+        if args.config:
+            raise UsageError(
+                '--vpcd is for the default card; in a configuration file set frontend = "vpcd" '
+                "on the reader"
+            )
+        for option, value in (
+            ("--host", args.host),
+            ("--port", args.port),
+            ("--allow", args.allow),
+            ("--pcap", args.pcap),
+            ("--pinpad", args.pinpad or None),  # a CCID feature: vpcd carries APDUs only
+            ("--keypad", args.keypad),
+        ):
+            if value is not None:
+                raise UsageError(f"{option} is for the USB/IP server, which --vpcd does not start")
+        try:
+            vpcd_host, vpcd_port = parse_hostport(args.vpcd, VPCD_PORT)
+        except ValueError as exc:
+            raise UsageError(f"--vpcd: {exc}") from None
+        config = with_vpcd(config, vpcd_host, vpcd_port)
     config = with_overrides(
         config,
         host=args.host,
@@ -508,6 +561,8 @@ def cmd_card_new(args: argparse.Namespace) -> int:
 def cmd_card_show(args: argparse.Namespace) -> int:
     from usbccid.cards.store import PIN_STATE_FILE, FilePinStateStore, card_directory, load_card
 
+    if args.config or args.slot or args.pkcs11_module or args.nss_db:
+        return _show_source(args)
     state_dir = _state_dir(args)
     card = load_card(state_dir, args.name)
     directory = card_directory(state_dir, args.name)
@@ -518,6 +573,100 @@ def cmd_card_show(args: argparse.Namespace) -> int:
         _out(f'card "{args.name}" in {directory}')
         _print_card(card.profile, directory, state)
     return 0
+
+
+def _show_source(args: argparse.Namespace) -> int:
+    """``card show`` for a configured slot, a PKCS#11 token or an NSS database."""
+    from usbccid.cards.nss import NssConfig, NssSource
+    from usbccid.cards.pkcs11 import Pkcs11Config, Pkcs11Source, SourceInfo, TokenCard
+    from usbccid.cards.pkcs11 import TokenSelector as Selector
+    from usbccid.cards.registry import load_card
+    from usbccid.cards.source import EmulatedCac
+    from usbccid.tool.config import load_config
+    from usbccid.tool.control import find_reader
+
+    info: SourceInfo | None = None
+    if args.pkcs11_module:
+        selector = Selector(label=args.token_label, serial=args.token_serial)
+        info = Pkcs11Source(Pkcs11Config(args.pkcs11_module, selector)).check()
+    elif args.nss_db:
+        if not args.cert:
+            raise UsageError("--nss-db needs at least one --cert NICKNAME")
+        info = NssSource(NssConfig(args.nss_db, tuple(args.cert))).check()
+    else:
+        if not (args.config and args.slot):
+            raise UsageError("give --config FILE and --slot READER[:N] together")
+        config = load_config(args.config)
+        reader, _, index_text = args.slot.partition(":")
+        readers = [(r.name, r.bus_id or "") for r in config.readers]
+        rc = config.readers[find_reader(readers, reader)]
+        index = int(index_text or 0) if (index_text or "0").isdigit() else -1
+        if not 0 <= index < len(rc.slots):
+            raise UsageError(f"reader {rc.name} has no slot {index_text}")
+        source = rc.slots[index].card
+        if source is None:
+            _out(f"reader {rc.name} slot {index}: empty")
+            return 0
+        state_dir = _state_dir(args, config.state_dir)
+        loaded = load_card(source, state_dir, datetime.now(UTC))
+        if isinstance(loaded, TokenCard):
+            info = loaded.info()
+        elif isinstance(loaded, EmulatedCac):
+            directory = loaded.ca_file.parent if loaded.ca_file is not None else state_dir
+            state = loaded.pin_store.load()
+            if args.json:
+                _out(json.dumps(_card_json(loaded.profile, directory, state), indent=2))
+            else:
+                _out(f"reader {rc.name} slot {index}: {loaded.description}")
+                _print_card(loaded.profile, directory, state)
+            return 0
+        else:  # pragma: no cover - every source is one of the above
+            _out(loaded.description)
+            return 0
+    assert info is not None
+    if args.json:
+        _out(json.dumps(_source_json(info), indent=2))
+        return 0
+    _out(info.description)
+    _out(f"  token: {info.token_label!r}, serial {info.token_serial}")
+    _out(
+        "  PIN: the token's login"
+        if info.login_required
+        else "  PIN: none needed (the token asks for no login)"
+    )
+    _out(
+        "  raw RSA: CKM_RSA_X_509"
+        if info.raw_rsa
+        else "  raw RSA: emulated with CKM_RSA_PKCS (PKCS#1 v1.5 only: no PSS, no OAEP)"
+    )
+    for i, c in enumerate(info.containers):
+        _out(f"  container {i}: {c.label}, RSA {c.key_size}, CKA_ID {c.key_id.hex()}")
+        _out(f"    subject: {c.subject}")
+        _out(f"    valid until: {c.not_after}")
+    return 0
+
+
+def _source_json(info: object) -> dict[str, object]:
+    from usbccid.cards.pkcs11 import SourceInfo
+
+    assert isinstance(info, SourceInfo)
+    return {
+        "description": info.description,
+        "token_label": info.token_label,
+        "token_serial": info.token_serial,
+        "login_required": info.login_required,
+        "raw_rsa": info.raw_rsa,
+        "containers": [
+            {
+                "label": c.label,
+                "id": c.key_id.hex(),
+                "subject": c.subject,
+                "key_size": c.key_size,
+                "not_after": c.not_after,
+            }
+            for c in info.containers
+        ],
+    }
 
 
 def cmd_card_list(args: argparse.Namespace) -> int:

@@ -59,6 +59,8 @@ LOOPBACK_NETWORKS: Final = (
     ipaddress.ip_network("::1/128"),
 )
 MAX_SLOTS: Final = 8  # bMaxSlotIndex is a byte, but hosts and pcscd expect few slots
+FRONTENDS: Final = ("usbip", "vpcd")  # usbccid.frontends.registry, by name
+VPCD_PORT: Final = 35963  # vsmartcard vpcd.h VPCDPORT: where vpcd's slot 0 listens
 _BUS_ID = re.compile(r"^[0-9]+-[0-9]+(\.[0-9]+)*$")
 _READER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _VID_PID = re.compile(r"^([0-9A-Fa-f]{4}):([0-9A-Fa-f]{4})$")
@@ -114,12 +116,22 @@ class KeypadConfig:
 
 
 @dataclass(frozen=True)
+class VpcdConfig:
+    """Where a ``frontend = "vpcd"`` reader finds vpcd: slot N connects to ``port + N``."""
+
+    host: str = DEFAULT_HOST
+    port: int = VPCD_PORT
+
+
+@dataclass(frozen=True)
 class ReaderConfig:
     name: str
     bus_id: str | None = None
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     slots: tuple[SlotConfig, ...] = (SlotConfig(),)
     origin: str = ""
+    frontend: str = "usbip"  # how hosts reach it: a name of FRONTENDS
+    vpcd: VpcdConfig | None = None  # frontend "vpcd" only
     pinpad: PinpadConfig | None = None
     keypad: KeypadConfig | None = None
 
@@ -170,7 +182,8 @@ def default_config() -> Config:
 
 _TOP_KEYS = ("server", "reader", "state_dir", "trace", "pcap", "log_level")
 _SERVER_KEYS = ("host", "port", "allow")
-_READER_KEYS = ("name", "bus_id", "identity", "slot", "pinpad", "keypad")
+_READER_KEYS = ("name", "frontend", "bus_id", "identity", "vpcd", "slot", "pinpad", "keypad")
+_VPCD_KEYS = ("host", "port")
 _PINPAD_KEYS = ("timeout", "display")
 _KEYPAD_KEYS = ("enter", "new")
 _DISPLAY = re.compile(r"^([0-9]{1,3})x([0-9]{1,3})$")
@@ -321,19 +334,56 @@ def _reader(
         if len(slots_raw) > MAX_SLOTS:
             raise ck.fail((*path, "slot"), f"at most {MAX_SLOTS} slots per reader")
         slots = tuple(_slot(ck, s, (*path, "slot", i)) for i, s in enumerate(slots_raw))
+    frontend = ck.get(t, path, "frontend", str, "usbip")
+    if frontend not in FRONTENDS:
+        raise ck.fail(
+            (*path, "frontend"), f"unknown front end {frontend!r} (known: {', '.join(FRONTENDS)})"
+        )
+    vpcd = None
+    if frontend == "vpcd":
+        for key in ("bus_id", "identity"):
+            if key in t:
+                raise ck.fail(
+                    (*path, key),
+                    f"a vpcd reader has no {key.replace('_', ' ')} (it is no USB device: "
+                    "pcscd names it after vpcd's reader.conf)",
+                )
+        vpcd = _vpcd(ck, t.get("vpcd", {}), (*path, "vpcd"), len(slots))
+    elif "vpcd" in t:
+        raise ck.fail((*path, "vpcd"), 'only for a reader with frontend = "vpcd"')
     pinpad = _pinpad(ck, t.get("pinpad"), (*path, "pinpad"))
     keypad = _keypad(ck, t.get("keypad"), (*path, "keypad"))
     if keypad is not None and pinpad is None:
         raise ck.fail((*path, "keypad"), "a keypad policy needs a PIN pad (pinpad = true)")
+    if pinpad is not None and frontend == "vpcd":
+        raise ck.fail(
+            (*path, "pinpad"), "a vpcd reader has no PIN pad (vpcd carries APDUs, not CCID)"
+        )
     return ReaderConfig(
         name=name,
         bus_id=bus_id,
         identity=identity,
         slots=slots,
         origin=ck.origin(path),
+        frontend=frontend,
+        vpcd=vpcd,
         pinpad=pinpad,
         keypad=keypad,
     )
+
+
+def _vpcd(ck: Checker, raw: object, path: KeyPath, slots: int) -> VpcdConfig:
+    t = ck.table(raw, path, _VPCD_KEYS)
+    host = ck.get(t, path, "host", str, DEFAULT_HOST)
+    if not host:
+        raise ck.fail((*path, "host"), "must not be empty")
+    port = ck.get(t, path, "port", int, VPCD_PORT)
+    if not 1 <= port <= 65536 - slots:
+        raise ck.fail(
+            (*path, "port"),
+            f"port {port} is out of range 1-{65536 - slots} (slot N connects to port + N)",
+        )
+    return VpcdConfig(host=host, port=port)
 
 
 def _pinpad(ck: Checker, raw: object, path: KeyPath) -> PinpadConfig | None:
@@ -490,6 +540,40 @@ def _check_unique(ck: Checker, readers: Sequence[ReaderConfig]) -> None:
             bus_ids[r.bus_id] = i
 
 
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """``HOST[:PORT]`` (``[IPv6]:PORT`` with brackets, ``:PORT`` for the default host).
+
+    Raises:
+        ValueError: malformed, or the port is out of range.
+    """
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: expected [ADDRESS]:PORT")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    host = host or DEFAULT_HOST
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number 1-65535")
+    return host, int(port_text)
+
+
+def with_vpcd(config: Config, host: str, port: int) -> Config:
+    """``config`` with every reader reached through vpcd at ``host:port`` (``serve --vpcd``:
+    the default reader, with the default card, in pcscd's "Virtual PCD 00 00")."""
+    from dataclasses import replace
+
+    readers = tuple(
+        replace(r, frontend="vpcd", vpcd=VpcdConfig(host, port), bus_id=None)
+        for r in config.readers
+    )
+    return replace(config, readers=readers)
+
+
 def with_overrides(
     config: Config,
     host: str | None = None,
@@ -503,8 +587,9 @@ def with_overrides(
 ) -> Config:
     """``config`` with the command line's options applied over it.
 
-    ``pinpad`` gives every reader that has none a PIN pad; ``keypad`` (digits or
-    :data:`CARD_PIN`) gives every reader a PIN pad and that keypad policy.
+    ``pinpad`` gives every USB/IP reader that has none a PIN pad; ``keypad`` (digits or
+    :data:`CARD_PIN`) gives every USB/IP reader a PIN pad and that keypad policy (a vpcd
+    reader has no PC_to_RDR_Secure: they stay as they are).
     """
     from dataclasses import replace
 
@@ -517,6 +602,8 @@ def with_overrides(
                     pinpad=r.pinpad or PinpadConfig(),
                     keypad=KeypadConfig(enter=keypad) if keypad is not None else r.keypad,
                 )
+                if r.frontend == "usbip"
+                else r
                 for r in config.readers
             ),
         )

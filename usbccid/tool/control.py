@@ -67,19 +67,21 @@ class SlotStatus:
     index: int
     state: str  # "empty", "present" (card inserted, not powered) or "active" (powered)
     card: str | None = None  # what card is (or would be) in it, for a human
+    detail: str | None = None  # the front end's word on it (vpcd: connected, or why not)
     pinpad: PinPrompt | None = None  # the reader's PIN pad waits for this slot's PIN
 
 
 @dataclass(frozen=True)
 class ReaderStatus:
     name: str
-    bus_id: str
-    vendor_id: int
-    product_id: int
-    product: str
+    bus_id: str  # USB/IP: the bus id; vpcd: "HOST:PORT" of its slot 0
+    vendor_id: int | None  # None: no USB device (vpcd)
+    product_id: int | None
+    product: str | None
     client: str | None  # "HOST:PORT" of the client that imported it, or None
     slots: tuple[SlotStatus, ...]
     counters: Mapping[str, int] = field(default_factory=dict)
+    frontend: str = "usbip"
     pinpad: bool = False  # the reader has a PIN pad
 
 
@@ -233,6 +235,7 @@ def status_from_json(obj: Mapping[str, Any]) -> ServerStatus:
                 client=r["client"],
                 slots=tuple(_slot_from_json(s) for s in r["slots"]),
                 counters=dict(r.get("counters", {})),
+                frontend=r.get("frontend", "usbip"),
                 pinpad=bool(r.get("pinpad", False)),
             )
             for r in obj["readers"]
@@ -254,7 +257,13 @@ def _slot_from_json(s: Mapping[str, Any]) -> SlotStatus:
     if prompt is not None:
         display = prompt.get("display")
         prompt = PinPrompt(**{**prompt, "display": tuple(display) if display else None})
-    return SlotStatus(index=s["index"], state=s["state"], card=s.get("card"), pinpad=prompt)
+    return SlotStatus(
+        index=s["index"],
+        state=s["state"],
+        card=s.get("card"),
+        detail=s.get("detail"),
+        pinpad=prompt,
+    )
 
 
 # --------------------------------------------------------------------------- client side
@@ -317,22 +326,26 @@ def parse_target(text: str) -> tuple[str, int]:
 
 def format_status(status: ServerStatus) -> str:
     """The status as text for a human (``usbccid ctl status``)."""
+    listening = f"listening on {status.listen}" if status.listen else "no USB/IP server"
     lines = [
-        f"usbccid {status.version}, pid {status.pid}, listening on {status.listen}, "
-        f"up {_duration(status.uptime)}"
+        f"usbccid {status.version}, pid {status.pid}, {listening}, up {_duration(status.uptime)}"
     ]
     lines += [f"  {k}: {v}" for k, v in sorted(status.counters.items())]
     for r in status.readers:
-        client = f"imported by {r.client}" if r.client else "not imported"
-        lines.append(
-            f"reader {r.name}  bus id {r.bus_id}  {r.vendor_id:04x}:{r.product_id:04x} "
-            f"{r.product}  ({client})"
-        )
+        if r.vendor_id is None or r.product_id is None:
+            lines.append(f"reader {r.name}  {r.frontend} {r.bus_id}")
+        else:
+            client = f"imported by {r.client}" if r.client else "not imported"
+            lines.append(
+                f"reader {r.name}  bus id {r.bus_id}  {r.vendor_id:04x}:{r.product_id:04x} "
+                f"{r.product}  ({client})"
+            )
         if r.pinpad:
             lines.append("  PIN pad")
         for s in r.slots:
             card = f"  {s.card}" if s.card else ""
-            lines.append(f"  slot {s.index}: {s.state}{card}")
+            detail = f"  ({s.detail})" if s.detail else ""
+            lines.append(f"  slot {s.index}: {s.state}{card}{detail}")
             if s.pinpad is not None:
                 lines.append(f"    {format_prompt(s.pinpad)}")
         if r.counters:

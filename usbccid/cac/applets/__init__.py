@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from usbccid.cac.apdu import CommandApdu
-from usbccid.cac.applets.pin import PinService
+from usbccid.cac.applets.pin import CardPin
 from usbccid.cac.errors import CardError
 from usbccid.cac.sw import SW
 from usbccid.cac.tlv import ber_tlv
@@ -22,7 +22,7 @@ from usbccid.cac.tlv import ber_tlv
 class CardContext:
     """Card-global services an applet may use while processing a command."""
 
-    pin: PinService
+    pin: CardPin
     random_bytes: Callable[[int], bytes]
 
 

@@ -27,22 +27,45 @@ through :meth:`PinStateStore.save`; only a match restores it (saved again). A cr
 failing store can therefore never hand out a free guess: a store failure answers
 ``65 81`` (memory failure) and compares nothing. Comparisons use
 :func:`hmac.compare_digest`; PIN bytes never appear in exceptions or logs.
+
+A card that mirrors a token has no PIN of its own: :class:`TokenPinService` turns VERIFY
+into the token's login (libcacard ``vcard_emul_login``, the ``use_hw`` cards), and a cold
+reset into its logout (``vcard_emul_reset``). Both services implement :class:`CardPin`,
+which is all the card OS and the applets use.
 """
 
 from __future__ import annotations
 
 import hmac
 from dataclasses import replace
+from typing import Protocol
 
 from usbccid.cac.apdu import CommandApdu
 from usbccid.cac.errors import CardError
-from usbccid.cac.profile import PinPolicy, PinState, PinStateStore
+from usbccid.cac.profile import PinPolicy, PinState, PinStateStore, TokenLogin, TokenPinInfo
 from usbccid.cac.sw import SW, verify_failed
 
 PIN_BLOCK_LEN = 8  # CAC PINs are sent FF-padded to 8 bytes (pkcs15-cac.c pins[])
 PIN_MIN_LEN = 4
 PIN_MAX_LEN = 8
 MEMORY_FAILURE = 0x6581  # ISO 7816-4 §5.6, Table 6: 65 81 "memory failure"
+
+
+class CardPin(Protocol):
+    """What the card OS and the applets need of the card's PIN."""
+
+    @property
+    def verified(self) -> bool: ...
+
+    def reset_security_status(self) -> None:
+        """Forget the verification (power off, cold reset)."""
+        ...
+
+    def verify(self, apdu: CommandApdu) -> bytes: ...
+
+    def change_reference_data(self, apdu: CommandApdu) -> bytes: ...
+
+    def reset_retry_counter(self, apdu: CommandApdu) -> bytes: ...
 
 
 def _strip_padding(block: bytes) -> bytes:
@@ -209,3 +232,92 @@ class PinService:
         self._commit(replace(self._state, pin=pin, tries_left=self._policy.max_tries))
         self._verified = False
         return b""
+
+
+#: Longest token PIN VERIFY accepts (a short APDU's data). CAC hosts send at most 8 bytes.
+TOKEN_PIN_MAX_LEN = 255
+
+
+def token_pin_sw(info: TokenPinInfo) -> int:
+    """The status word for a token user that is not logged in, from the token's flags.
+
+    PKCS#11 reports no count, so: CKF_USER_PIN_LOCKED -> 69 83; CKF_USER_PIN_FINAL_TRY
+    -> 63 C1; CKF_USER_PIN_COUNT_LOW -> 63 C2 (low, but not the last try); no flag -> 63 C3
+    (the CAC default of three tries; the token says nothing more).
+    """
+    if info.locked:
+        return int(SW.AUTH_METHOD_BLOCKED)
+    if info.final_try:
+        return verify_failed(1)
+    if info.count_low:
+        return verify_failed(2)
+    return verify_failed(3)
+
+
+class TokenPinService:
+    """The PIN of a card mirroring a token: VERIFY logs the token's user in.
+
+    As libcacard's ``vcard_emul_login``: trailing FF padding is stripped and the token is
+    logged out before each login, so a failed VERIFY leaves the card unverified; a token
+    that needs no login (CKF_LOGIN_REQUIRED clear, e.g. an NSS database without a
+    password) counts as verified and VERIFY does not call it. Unlike libcacard, a wrong
+    PIN answers 63 Cx (from the token's flags, :func:`token_pin_sw`) rather than 69 85,
+    so that OpenSC reports "PIN incorrect". The PIN is the token's business: CHANGE
+    REFERENCE DATA and RESET RETRY COUNTER answer 6A 81 (function not supported).
+    """
+
+    def __init__(self, login: TokenLogin) -> None:
+        self._login = login
+        self._verified = False
+
+    @property
+    def verified(self) -> bool:
+        return self._verified
+
+    def reset_security_status(self) -> None:
+        """Log the token out; a token that needs no login is verified straight away."""
+        self._verified = False
+        self._login.logout()
+        try:
+            self._verified = not self._login.pin_info().login_required
+        except CardError:
+            self._verified = False  # the token is gone: its removal is reported elsewhere
+
+    def verify(self, apdu: CommandApdu) -> bytes:
+        """VERIFY ``00 20 P1 00 [Lc PIN]`` (ISO 7816-4 §11.5.6) against the token."""
+        if apdu.p2 != 0x00:
+            raise CardError(SW.REFERENCED_DATA_NOT_FOUND, "only the global PIN (00) exists")
+        if apdu.p1 == 0xFF:
+            if apdu.data:
+                raise CardError(SW.WRONG_LENGTH)
+            self.reset_security_status()
+            return b""
+        if apdu.p1 != 0x00:
+            raise CardError(SW.INCORRECT_P1P2)
+        if not apdu.data:
+            info = self._login.pin_info()
+            if not info.login_required:
+                self._verified = True
+                return b""
+            if info.logged_in is False:
+                self._verified = False  # logged out behind the card's back (a shared login)
+            if self._verified:
+                return b""
+            raise CardError(token_pin_sw(info))
+        if len(apdu.data) > TOKEN_PIN_MAX_LEN:
+            raise CardError(SW.WRONG_LENGTH)
+        self._verified = False
+        self._login.logout()
+        if not self._login.pin_info().login_required:
+            self._verified = True
+            return b""
+        if self._login.login(_strip_padding(apdu.data)):
+            self._verified = True
+            return b""
+        raise CardError(token_pin_sw(self._login.pin_info()))
+
+    def change_reference_data(self, apdu: CommandApdu) -> bytes:
+        raise CardError(SW.FUNCTION_NOT_SUPPORTED, "the PIN belongs to the token")
+
+    def reset_retry_counter(self, apdu: CommandApdu) -> bytes:
+        raise CardError(SW.FUNCTION_NOT_SUPPORTED, "the PIN belongs to the token")

@@ -10,13 +10,15 @@ follows", P1=00 "last block"; P2=00. The concatenated input must be the full, al
 padded, modulus-sized block; the card returns the raw RSA result, modulus-sized
 (clients.md finding 10). Without a verified PIN the answer is ``69 82`` so that OpenSC
 re-verifies from its PIN cache and coolkey logs in again (finding 11).
+
+The raw operation is the container key's (:class:`usbccid.cac.profile.ContainerKey`):
+in memory for a software container, on the token for a mirrored one.
 """
 
 from __future__ import annotations
 
 import zlib
 
-from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from usbccid.cac.apdu import CommandApdu
@@ -33,8 +35,8 @@ from usbccid.cac.applets.buffers import (
     BufferApplet,
 )
 from usbccid.cac.errors import CardError
-from usbccid.cac.profile import Container
-from usbccid.cac.rsa_raw import modulus_bytes, rsa_private_raw
+from usbccid.cac.profile import Container, TokenContainer
+from usbccid.cac.rsa_raw import modulus_bytes
 from usbccid.cac.sw import SW
 from usbccid.cac.tlv import encode_simple_tlv
 
@@ -64,11 +66,10 @@ def pki_oid(index: int) -> bytes:
 class PkiApplet(BufferApplet):
     """One certificate and its private key."""
 
-    def __init__(self, index: int, container: Container) -> None:
+    def __init__(self, index: int, container: Container | TokenContainer) -> None:
         if not 0 <= index < MAX_PKI_CONTAINERS:
             raise ValueError("PKI container index out of range")
-        if not isinstance(container.private_key, rsa.RSAPrivateKey):
-            raise ValueError("CAC PKI containers hold RSA keys only (GSC-IS 2.1 Table 5-6)")
+        key = container.key  # raises ValueError for a software key that is not RSA
         der = container.certificate.public_bytes(Encoding.DER)
         items = [
             (TAG_CERTINFO, bytes((CERTINFO_COMPRESSED,))),
@@ -78,8 +79,8 @@ class PkiApplet(BufferApplet):
         ]
         super().__init__(pki_aid(index), pki_oid(index), items)
         self.index = index
-        self._key = container.private_key
-        self._k = modulus_bytes(container.private_key)
+        self._key = key
+        self._k = modulus_bytes(key)
         self._sign_buffer = bytearray()
 
     @property
@@ -126,7 +127,7 @@ class PkiApplet(BufferApplet):
             return b""
         block = bytes(self._sign_buffer)
         self._sign_buffer.clear()
-        return rsa_private_raw(self._key, block)
+        return self._key.raw_rsa(block)
 
 
 class EmptyPkiApplet(BufferApplet):

@@ -104,6 +104,9 @@ class UsbipReader:
     def slot_state(self, slot: int) -> str:
         return _SLOT_STATES[self.reader.slot_state(slot)]
 
+    def slot_detail(self, slot: int) -> str | None:
+        return None
+
     @property
     def pinpad(self) -> PinPad | None:
         """The reader's PIN pad (its keypad), if it has one."""
@@ -135,6 +138,7 @@ class UsbipFrontend:
         self._server: UsbipServer | None = None
 
     def add_reader(self, config: cfg.ReaderConfig) -> UsbipReader:
+        assert config.frontend == "usbip", config.frontend
         # pcscd puts iInterface into the reader's name: "VMware Virtual USB CCID
         # [usbccid desk] (serial) 00 00", so the configured name shows on the host.
         reader = CcidReader(
