@@ -293,6 +293,10 @@ def test_pinpad_and_keypad() -> None:
     assert (keyed.pinpad, keyed.keypad) == (PinpadConfig(), KeypadConfig(enter=CARD_PIN))
     kept = with_overrides(c, pinpad=True)
     assert kept.readers[1].pinpad == b.pinpad  # a configured PIN pad stays as it is
+    mixed = parse("[[reader]]\nname = 'u'\n\n[[reader]]\nname = 'v'\nfrontend = 'vpcd'\n")
+    u, v = with_overrides(mixed, keypad="1234").readers
+    assert (u.pinpad, u.keypad) == (PinpadConfig(), KeypadConfig(enter="1234"))
+    assert (v.pinpad, v.keypad) == (None, None)  # vpcd carries APDUs, not PC_to_RDR_Secure
 
 
 @pytest.mark.parametrize(
@@ -306,6 +310,7 @@ def test_pinpad_and_keypad() -> None:
         ("[[reader]]\npinpad = true\nkeypad = { enter = '12a4' }\n", 3, '"card-pin" or 1 to 32'),
         ("[[reader]]\npinpad = true\nkeypad = { new = '1234' }\n", 3, "missing key 'enter'"),
         ("[[reader]]\npinpad = true\nkeypad = { enter = 1234 }\n", 3, "expected a string"),
+        ("[[reader]]\nfrontend = 'vpcd'\npinpad = true\n", 3, "a vpcd reader has no PIN pad"),
     ],
 )
 def test_invalid_pinpad(text: str, line: int, reason: str) -> None:

@@ -329,6 +329,10 @@ def test_serve_pinpad_options(tmp_path: Path, usbccid_state_template: Path) -> N
     bad = run("serve", "--keypad", "12a4", "--check", "--state-dir", state)
     assert bad.returncode == 2, bad
     assert '"card-pin" or 1 to 32 digits' in bad.stderr
+    assert_one_line_error(
+        run("serve", "--vpcd", "--pinpad", "--check", "--state-dir", state),
+        "--pinpad is for the USB/IP server",
+    )
     config = tmp_path / "c.toml"
     config.write_text("[[reader]]\nname = 'x'\nkeypad = { enter = '1234' }\n")
     assert_one_line_error(
