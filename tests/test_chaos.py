@@ -58,7 +58,7 @@ IN, OUT = wire.Direction.IN, wire.Direction.OUT
 STORM_CONNECTIONS = 200
 STORM_SECONDS = 10.0
 STORM_WORKERS = 12
-SOCKET_TIMEOUT = 2.0
+SOCKET_TIMEOUT = 5.0  # a bound on how long a close may take, generous for a loaded machine
 IMPORT_PATIENCE = 1.0  # seconds an abuser retries a busy import of 1-2
 # The server-side state may hold at most this much at any sampled moment. A stalled
 # reader's RET_SUBMITs are the bulk: MAX_PARKED_URBS completions of up to ~4 KiB here.

@@ -81,7 +81,7 @@ def test_nss_table(tmp_path: Path) -> None:
         ('type = "nss"\ndb = "sql:x"\ncerts = []\n', 6, "certs: 1 to 16 nicknames"),
         ('type = "nss"\ndb = "sql:x"\ncerts = ["a", 2]\n', 6, "certs[1]: expected a certificate"),
         ('type = "nss"\ndb = "sql:x"\ncerts = ["a"]\ncard = "x"\n', 7, "card: unknown key"),
-        ('type = "hsm"\n', 4, "unknown card type 'hsm' (supported: cac, pkcs11, nss)"),
+        ('type = "hsm"\n', 4, "unknown card type 'hsm' (supported: cac, pkcs11, nss, pcsc)"),
     ],
 )
 def test_table_errors(tmp_path: Path, text: str, line: int, reason: str) -> None:
@@ -236,7 +236,7 @@ def test_served_nss_card_and_token_that_comes_and_goes(nss_db: NssDb, tmp_path: 
     with usbccid_server(config, state_dir=tmp_path / "state") as server:
         banner = "\n".join(server.call(server.app.banner))
         assert f"NSS database sql:{nss_db.directory} (cert1, cert2, cert3), inserted" in banner
-        assert "PIN: the token's" in banner
+        assert "PIN: the card's own" in banner
         dev = server.device("1-1")
         dev.set_configuration()
         assert interrupt(dev) == bytes([0x50, 0x03])

@@ -56,7 +56,7 @@ from usbccid.cac.rsa_raw import check_input, verify_result
 from usbccid.cac.sw import SW
 from usbccid.card import Card
 from usbccid.cards import _cryptoki
-from usbccid.cards.source import CardChange, CardLoadError
+from usbccid.cards.source import CardLoadError
 from usbccid.tool.schema import Checker, KeyPath
 
 log = logging.getLogger(__name__)
@@ -967,14 +967,16 @@ class TokenCard:
     """A token-backed card as a configured slot holds it (a ``LoadedCard``).
 
     Every insertion gets a fresh :class:`CacCard` on the source's current connection.
-    With a ``poll_interval`` it is also a ``WatchedCard``: the composition root polls
-    it and the slot follows the token out and back in.
+    It is a ``LiveCard``: with a ``poll_interval`` the token is looked for that often
+    and the slot follows it out and back in (without one it stays as it was at start).
     """
 
     source: _TokenSource
     description: str
     poll_interval: float | None = None
     ca_file: Path | None = None
+    _replaced: bool = field(default=False, init=False)  # absent reported; the new one next
+    _closed: threading.Event = field(default_factory=threading.Event, init=False)
 
     @property
     def current_pin(self) -> str | None:
@@ -989,14 +991,30 @@ class TokenCard:
     def same_card(self, other: object) -> bool:
         return isinstance(other, TokenCard) and other.source is self.source
 
-    def poll(self) -> list[CardChange]:
+    def poll(self) -> list[PresenceAction]:
+        """Look for the token (slow I/O); what happened to it since the last look."""
         if not isinstance(self.source, Pkcs11Source):
             return []
-        changes = {
-            PresenceAction.REMOVE: CardChange.REMOVED,
-            PresenceAction.INSERT: CardChange.INSERTED,
-        }
-        return [changes[e.action] for e in self.source.poll()]
+        return [e.action for e in self.source.poll()]
+
+    def wait_presence(self, known: bool | None, timeout: float) -> bool:
+        if self._replaced:  # a token swapped for another: reported absent once, now in
+            self._replaced = False
+        elif known is not None:
+            if self.poll_interval is None or self._closed.wait(self.poll_interval):
+                return known  # not watched, or closing
+            actions = self.poll()
+            if PresenceAction.REMOVE in actions and PresenceAction.INSERT in actions:
+                self._replaced = True
+                return False
+        return self.source.profile is not None
+
+    @property
+    def absence_reason(self) -> str:
+        return f"{self.description}: token not present"
+
+    def close(self) -> None:
+        self._closed.set()
 
     def info(self) -> SourceInfo:
         return self.source.check()

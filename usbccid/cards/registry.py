@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from usbccid.cards import cac, nss, pkcs11
+from usbccid.cards import cac, nss, pcsc, pkcs11
 from usbccid.cards.source import LoadedCard
 from usbccid.tool.schema import Checker, KeyPath
 
@@ -49,6 +49,7 @@ SOURCES: dict[str, CardSource] = {
     cac.TYPE: cac,
     pkcs11.TYPE: pkcs11,
     nss.TYPE: nss,
+    pcsc.TYPE: pcsc,
 }
 
 

@@ -9,8 +9,6 @@ whether a reload changed it. Failures are one :class:`CardLoadError` line.
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -53,26 +51,28 @@ class LoadedCard(Protocol):
         ...
 
 
-class CardChange(enum.Enum):
-    """What a watched card's source saw happen to the card (a token left or came back)."""
-
-    REMOVED = "removed"
-    INSERTED = "inserted"
-
-
 @runtime_checkable
-class WatchedCard(Protocol):
-    """A loaded card that comes and goes by itself (a token in a slot): the composition
-    root calls :meth:`poll` every ``poll_interval`` seconds, off the event loop, and
-    removes or inserts the card in its slot accordingly."""
+class LiveCard(LoadedCard, Protocol):
+    """A card that comes and goes by itself: a real card in a PC/SC reader, a token.
 
-    @property
-    def poll_interval(self) -> float | None:
-        """Seconds between polls; None: not watched."""
+    The composition root asks :meth:`wait_presence` once when it builds the slot (the
+    card is inserted at once if it is there), then over and over on a worker thread,
+    and inserts or removes the card as it answers.
+    """
+
+    def wait_presence(self, known: bool | None, timeout: float) -> bool:
+        """Whether the card is there: at once when ``known`` is None, else once it
+        differs from ``known``, or after about ``timeout`` seconds. Blocks; never raises.
+        A card replaced by another between two calls is reported absent once."""
         ...
 
-    def poll(self) -> Sequence[CardChange]:
-        """Look (slow I/O: call it on a worker thread); the changes since the last poll."""
+    @property
+    def absence_reason(self) -> str:
+        """Why the card is not there (for the log)."""
+        ...
+
+    def close(self) -> None:
+        """Let go of the card and its connections (the server stops, a reload)."""
         ...
 
 

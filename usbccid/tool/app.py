@@ -30,7 +30,7 @@ from typing import IO, Any
 from usbccid import __version__
 from usbccid.card import Card
 from usbccid.cards.registry import CardSourceConfig, load_card
-from usbccid.cards.source import CardChange, LoadedCard, WatchedCard
+from usbccid.cards.source import LiveCard, LoadedCard
 from usbccid.cards.store import StateError
 from usbccid.ccid.pinpad import PinPad
 from usbccid.ccid.pinpad import PinPrompt as Prompt
@@ -57,8 +57,8 @@ from usbccid.usbip.function import DeviceIdentity, UsbFunction
 log = logging.getLogger(__name__)
 
 
-#: How often the token watcher wakes up (each card's own poll_interval decides its polls).
-WATCH_TICK = 0.25
+#: how long one wait for a live card's presence lasts (a stop waits at most this long)
+_WATCH_TIMEOUT = 0.5
 
 
 class AppError(UsbccidError):
@@ -69,7 +69,10 @@ class AppError(UsbccidError):
 class _Slot:
     config: cfg.SlotConfig
     card: LoadedCard | None = None
-    inserted: bool = False
+    inserted: bool = False  # a card object is in the reader's slot
+    wanted: bool = False  # the user's word: configured inserted, ctl insert / remove
+    # the card source's word: a live card (a real card, a token) may be out by itself
+    present: bool = True
 
 
 @dataclass
@@ -144,7 +147,7 @@ class App:
         self._pcap: UsbPcapWriter | None = None
         self._pcap_file: IO[bytes] | None = None
         self._control: ControlServer | None = None
-        self._watches: list[asyncio.Task[None]] = []
+        self._watchers: dict[tuple[str, int], asyncio.Task[None]] = {}
         _ensure_dir(self.state_dir)
         self.usbip = UsbipFrontend(config, self._make_device)
         #: the front ends in use, by name (built when a reader needs one)
@@ -180,8 +183,7 @@ class App:
             if r.pinpad is not None:
                 r.pinpad.policy = KeypadPolicy(r)
             for index, slot in enumerate(slots):
-                if slot.card is not None and slot.config.inserted:
-                    self._insert(r, index)
+                self._fill(r, index, slot.config.inserted)
             readers.append(r)
         return readers
 
@@ -216,27 +218,90 @@ class App:
             card = TracingCard(card, f"{r.config.name}/{index}")
         return card
 
+    def _fill(self, r: _Reader, index: int, wanted: bool) -> None:
+        """A freshly loaded slot: a live card goes in if it is there now."""
+        slot = r.slots[index]
+        if isinstance(slot.card, LiveCard):
+            slot.present = slot.card.wait_presence(None, 0)
+            if not slot.present:
+                log.warning(
+                    "%s slot %d: %s; waiting", r.config.name, index, slot.card.absence_reason
+                )
+        slot.wanted = wanted and slot.card is not None
+        self._sync(r, index)
+
     def _insert(self, r: _Reader, index: int) -> None:
         slot = r.slots[index]
         if slot.card is None:
             raise ControlError(f"reader {r.config.name} slot {index} is configured empty")
-        if slot.inserted:
-            return
+        slot.wanted = True
         try:
-            card = self._card(r, index, slot.card)
-        except UsbccidError as exc:  # a token card whose token is not there
+            self._sync(r, index)
+        except UsbccidError as exc:  # a live card that left just now
             raise ControlError(str(exc)) from None
-        r.reader.insert(index, card)
-        slot.inserted = True
-        r.counters["insertions"] = r.counters.get("insertions", 0) + 1
 
     def _remove(self, r: _Reader, index: int) -> None:
+        r.slots[index].wanted = False
+        self._sync(r, index)
+
+    def _sync(self, r: _Reader, index: int) -> None:
+        """Put the card in or take it out so that it is in exactly when it is wanted and
+        there (the host sees each change as a real insertion or removal)."""
         slot = r.slots[index]
-        if not slot.inserted:
+        should = slot.card is not None and slot.wanted and slot.present
+        if should == slot.inserted:
             return
-        r.reader.remove(index)
-        slot.inserted = False
-        r.counters["removals"] = r.counters.get("removals", 0) + 1
+        if should:
+            assert slot.card is not None
+            r.reader.insert(index, self._card(r, index, slot.card))
+            r.counters["insertions"] = r.counters.get("insertions", 0) + 1
+        else:
+            r.reader.remove(index)
+            r.counters["removals"] = r.counters.get("removals", 0) + 1
+        slot.inserted = should
+
+    async def _watch(self, r: _Reader, index: int, card: LiveCard) -> None:
+        """Follow a live card's comings and goings (its source blocks, so on a thread)."""
+        known = r.slots[index].present
+        reason = "" if known else card.absence_reason
+        while r.slots[index].card is card:
+            present = await asyncio.to_thread(card.wait_presence, known, _WATCH_TIMEOUT)
+            if r.slots[index].card is not card:
+                return  # reloaded meanwhile
+            if not present and card.absence_reason != reason:
+                reason = card.absence_reason
+                log.warning("%s slot %d: %s; waiting", r.config.name, index, reason)
+            if present == known:
+                continue
+            known = present
+            if present:
+                reason = ""
+                log.info("%s slot %d: %s is there", r.config.name, index, card.description)
+            r.slots[index].present = present
+            try:
+                self._sync(r, index)
+            except UsbccidError as exc:  # gone again before it could be made a card
+                log.warning("%s slot %d: %s", r.config.name, index, exc)
+                r.slots[index].present = known = False
+            self.poke()
+
+    def _watcher_done(self, task: asyncio.Task[None]) -> None:
+        for key, t in list(self._watchers.items()):
+            if t is task:
+                del self._watchers[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a card watcher failed", exc_info=task.exception())
+
+    def _start_watching(self) -> None:
+        for r in self.readers:
+            for index, slot in enumerate(r.slots):
+                key = (r.config.name, index)
+                if isinstance(slot.card, LiveCard) and key not in self._watchers:
+                    task = asyncio.get_running_loop().create_task(
+                        self._watch(r, index, slot.card), name=f"watch {key}"
+                    )
+                    self._watchers[key] = task
+                    task.add_done_callback(self._watcher_done)
 
     # -- running -------------------------------------------------------------------
 
@@ -262,48 +327,8 @@ class App:
             await control.close()
             raise AppError(str(exc)) from None
         self._control = control
-        self._watches.append(asyncio.create_task(self._watch()))
+        self._start_watching()
         return self.address
-
-    async def _watch(self) -> None:
-        """Follow watched cards (tokens) out of their slots and back in.
-
-        Each slot holding a :class:`WatchedCard` is polled every ``poll_interval`` seconds;
-        the poll is token I/O, so it runs on a worker thread, and the slot changes on the
-        loop. The slots' cards are read afresh each round, so a reload's cards are watched.
-        """
-        due: dict[tuple[int, int], float] = {}
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(WATCH_TICK)
-            for ri, r in enumerate(self.readers):
-                for index, slot in enumerate(r.slots):
-                    loaded = slot.card
-                    if not isinstance(loaded, WatchedCard) or loaded.poll_interval is None:
-                        continue
-                    if loop.time() < due.get((ri, index), 0.0):
-                        continue
-                    due[ri, index] = loop.time() + loaded.poll_interval
-                    try:
-                        changes = await asyncio.to_thread(loaded.poll)
-                    except Exception:
-                        log.exception("reader %s slot %d: token poll failed", r.config.name, index)
-                        continue
-                    if r.slots[index].card is loaded:  # not reloaded meanwhile
-                        self._follow(r, index, changes)
-
-    def _follow(self, r: _Reader, index: int, changes: Sequence[CardChange]) -> None:
-        for change in changes:
-            log.info("reader %s slot %d: token %s", r.config.name, index, change.value)
-            if change is CardChange.REMOVED:
-                self._remove(r, index)
-                continue
-            try:
-                self._insert(r, index)
-            except ControlError as exc:
-                log.warning("reader %s slot %d: %s", r.config.name, index, exc)
-        if changes:
-            self.poke()
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -315,12 +340,16 @@ class App:
         return self._control.path if self._control is not None else None
 
     async def close(self) -> None:
-        for task in self._watches:
+        for r in self.readers:
+            for slot in r.slots:
+                if isinstance(slot.card, LiveCard):
+                    slot.card.close()  # wakes its watcher's wait
+        tasks = list(self._watchers.values())
+        for task in tasks:
             task.cancel()
-        for task in self._watches:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._watches.clear()
         if self._control is not None:
             await self._control.close()
         for frontend in self.frontends.values():
@@ -480,12 +509,15 @@ class App:
                 ) or (loaded is None and old.card is None)
                 if same:
                     continue
-                was_in = old.inserted
+                was_in = old.wanted
                 self._remove(r, index)
+                if isinstance(old.card, LiveCard):
+                    old.card.close()
                 r.slots[index] = _Slot(sc, loaded)
-                if loaded is not None and (was_in or sc.inserted):
-                    self._insert(r, index)
+                self._fill(r, index, loaded is not None and (was_in or sc.inserted))
                 changed.append(f"{r.config.name}:{index}")
+        if self._control is not None:
+            self._start_watching()  # the live cards that came with the reload
         self.poke()
         message = f"reloaded: {len(changed)} card(s) changed"
         if changed:
@@ -515,12 +547,15 @@ class App:
                 if slot.card is None:
                     lines.append(f"  slot {index}: empty")
                     continue
-                where = "inserted" if slot.inserted else "removed"
+                if slot.inserted:
+                    where = "inserted"
+                elif slot.wanted and not slot.present:
+                    where = "waiting for the card"
+                else:
+                    where = "removed"
                 pin = slot.card.current_pin
-                lines.append(
-                    f"  slot {index}: {slot.card.description}, {where}, "
-                    + (f"PIN {pin}" if pin is not None else "PIN: the token's")
-                )
+                pin_text = f", PIN {pin}" if pin is not None else ", PIN: the card's own"
+                lines.append(f"  slot {index}: {slot.card.description}, {where}{pin_text}")
                 if slot.card.ca_file is not None:
                     lines.append(f"    test CA certificate: {slot.card.ca_file}")
         for frontend in self.frontends.values():
