@@ -22,7 +22,7 @@ from usbccid.ccid.wire import IccPowerOn, XfrBlock, build_command
 from usbccid.usbip import wire
 
 FUZZ_DIR = Path(__file__).resolve().parent.parent / "scripts" / "fuzz"
-TARGETS = ("usbip", "ccid", "cac", "vpcd", "vscard")
+TARGETS = ("usbip", "ccid", "cac", "vpcd", "vscard", "pinpad")
 
 
 class Target(Protocol):
@@ -101,6 +101,16 @@ REGRESSIONS: dict[str, list[tuple[str, bytes]]] = {
                 "120200ffffffffff5050ff50ff00000000000aff00ff505031ffffffff5dffff50505050"
                 "31ff5050ff0a00ff0afb0a00"
             ),
+        ),
+    ],
+    # pinpad: config byte, then (op, slot, operands...): 0 = raw Secure (length, body,
+    # level), 2 = keys (count, then length + digit bytes each, then cancel), 3 = time.
+    "pinpad": [
+        ("Secure with an empty abData", bytes([0, 0, 0, 0, 0])),
+        ("keys with nothing waiting", bytes([0, 2, 0, 1, 4, 1, 2, 3, 4, 0])),
+        (
+            "a Secure the driver never saw before the end (no deadline yet)",
+            bytes([0, 0, 0, 3, 0x00, 0x1E, 0x82, 0]),
         ),
     ],
     "cac": [

@@ -30,3 +30,21 @@ class Card(Protocol):
         status word (ISO 7816-4 §5.6), so that an exception here is always a bug.
         """
         ...
+
+
+class KeyedCard(Protocol):
+    """A card (or a wrapper around one) that wants to know which APDUs carry PIN digits
+    typed on the reader's keypad (PC_to_RDR_Secure): a trace must redact all their data,
+    whatever the instruction."""
+
+    def transmit_keyed(self, command: bytes) -> bytes: ...
+
+
+def transmit_keyed(card: Card, command: bytes) -> bytes:
+    """``card.transmit(command)`` for an APDU built by the reader's PIN pad: through the
+    card's ``transmit_keyed`` when it has one (the tracing wrappers do), else as usual."""
+    keyed = getattr(type(card), "transmit_keyed", None)
+    if keyed is not None:
+        response: bytes = keyed(card, command)
+        return response
+    return card.transmit(command)

@@ -20,8 +20,22 @@ Without pytest::
 
 The server listens on a free port of 127.0.0.1 and serves one reader holding the default
 test card (PIN ``server.pin``), from a state directory of its own. Pass a
-:class:`usbccid.tool.config.Config` for anything else. Generating a card takes a second or two,
-so the fixture generates the default card once per session and copies it.
+:class:`usbccid.tool.config.Config` for anything else.
+
+A reader with a PIN pad (``usbccid_server(pinpad=True)``, or ``pinpad = true`` in the
+configuration) answers PC_to_RDR_Secure by waiting for its keypad; a test types on it
+while the host waits::
+
+    with usbccid_server(pinpad=True) as server:
+        ...                                      # a client starts a PIN verification
+        server.reader().pinpad.type("12345678")  # waits for the prompt, types, OK
+        server.reader().pinpad.type("1234", "567890", "567890")  # a PIN change
+        server.reader().pinpad.cancel()
+
+``keypad="card-pin"`` (or digits) makes the pad type by itself, for unattended tests.
+
+Generating a card takes a second or two, so the fixture generates the default card once
+per session and copies it.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import contextlib
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -47,7 +62,80 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["UsbccidServer", "usbccid_server"]
+__all__ = ["PinPadHandle", "ReaderHandle", "UsbccidServer", "usbccid_server"]
+
+
+class PinPadHandle:
+    """The keypad of one reader of a running server (see the module's docstring)."""
+
+    def __init__(self, server: UsbccidServer, reader: str) -> None:
+        self._server = server
+        self._reader = reader
+
+    def prompt(self, slot: int = 0) -> Any:
+        """What the pad waits for on ``slot`` (a :class:`usbccid.tool.control.PinPrompt`),
+        or None."""
+        status = self._server.call(self._server.app.status)
+        for r in status.readers:
+            if self._reader in (r.name, r.bus_id):
+                return r.slots[slot].pinpad
+        raise LookupError(f"no reader {self._reader!r}")
+
+    def wait_for_prompt(self, slot: int = 0, timeout: float = 10.0) -> Any:
+        """Wait until the host asks for a PIN on ``slot``; return the prompt.
+
+        Raises:
+            TimeoutError: nobody asked within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while (prompt := self.prompt(slot)) is None:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"reader {self._reader} slot {slot}: no PIN entry waiting")
+            time.sleep(0.05)
+        return prompt
+
+    def type(self, *entries: str, slot: int = 0, wait: float = 10.0) -> dict[str, Any]:
+        """Type each entry followed by OK, once the host asks (waiting up to ``wait`` s).
+
+        Returns the server's report (``accepted``, ``ignored``, ``state``, ``next``).
+        """
+        return self._press(list(entries), False, slot, wait)
+
+    def cancel(self, digits: str = "", *, slot: int = 0, wait: float = 10.0) -> dict[str, Any]:
+        """Type ``digits`` (if any), then press Cancel."""
+        return self._press([digits] if digits else [], True, slot, wait)
+
+    def _press(self, entries: list[str], cancel: bool, slot: int, wait: float) -> dict[str, Any]:
+        app = self._server.app
+        deadline = time.monotonic() + wait
+        while True:
+            result = dict(
+                self._server.call(lambda: app.pinpad(self._reader, slot, entries, cancel))
+            )
+            if result.get("waiting"):
+                return result
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"reader {self._reader} slot {slot}: no PIN entry waiting")
+            time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class ReaderHandle:
+    """One reader of a running server."""
+
+    server: UsbccidServer
+    name: str
+    bus_id: str
+
+    @property
+    def pinpad(self) -> PinPadHandle:
+        return PinPadHandle(self.server, self.name)
+
+    def insert(self, slot: int = 0) -> None:
+        self.server.insert(self.name, slot)
+
+    def remove(self, slot: int = 0) -> None:
+        self.server.remove(self.name, slot)
 
 
 @dataclass
@@ -75,6 +163,18 @@ class UsbccidServer:
         pin = card.current_pin
         assert pin is not None, "the first slot's card has no PIN of ours to tell"
         return pin
+
+    def reader(self, name: str | None = None) -> ReaderHandle:
+        """The reader named (or with the bus id) ``name``; default: the first."""
+        for r in self.app.readers:
+            if name is None or name in (r.config.name, r.busid):
+                return ReaderHandle(self, r.config.name, r.busid)
+        raise LookupError(f"no reader {name!r}")
+
+    @property
+    def pinpad(self) -> PinPadHandle:
+        """The first reader's PIN pad."""
+        return self.reader().pinpad
 
     @property
     def control_socket(self) -> Path:
@@ -132,6 +232,8 @@ def usbccid_server(
     *,
     state_dir: Path | None = None,
     template: Path | None = None,
+    pinpad: bool = False,
+    keypad: str | None = None,
 ) -> Iterator[UsbccidServer]:
     """Run a server on a thread of this process for the duration of the block.
 
@@ -140,6 +242,9 @@ def usbccid_server(
             of 127.0.0.1. Its ``state_dir`` is replaced by ``state_dir`` when given.
         state_dir: default: a temporary directory, removed afterwards.
         template: a state directory to copy first (e.g. one holding a pre-made card).
+        pinpad: give every reader a PIN pad.
+        keypad: give every reader a PIN pad that types these digits, or the card's PIN
+            (``"card-pin"``), by itself.
     """
     with contextlib.ExitStack() as stack:
         if state_dir is None:
@@ -149,6 +254,8 @@ def usbccid_server(
         config = (
             _default_config(state_dir) if config is None else replace(config, state_dir=state_dir)
         )
+        if pinpad or keypad is not None:
+            config = cfg.with_overrides(config, pinpad=pinpad, keypad=keypad)
         started: Future[UsbccidServer] = Future()
         stop: list[Callable[[], object]] = []
 

@@ -73,7 +73,7 @@ def length_apdu(n: int) -> bytes:
 
 def powered(card: EchoCard | None = None, **config: int) -> tuple[CcidReader, EchoCard]:
     card = card or EchoCard()
-    reader = CcidReader([card], config=ReaderConfig(**config))
+    reader = CcidReader([card], config=ReaderConfig(**config))  # type: ignore[arg-type]
     reader.poll_in(INTERRUPT_IN, 8)
     reply = exchange(reader, IccPowerOn(0, 0))
     assert reply.command_status is CommandStatus.OK

@@ -266,3 +266,54 @@ def test_serve_rejects_invalid_config_with_line(tmp_path: Path) -> None:
     path.write_text("[server\n")
     result = run("serve", "--config", path, "--check")
     assert_one_line_error(result, f"{path}:1:", "invalid TOML")
+
+
+def test_pinpad_and_keypad() -> None:
+    from usbccid.tool.config import CARD_PIN, KeypadConfig, PinpadConfig, with_overrides
+
+    c = parse(
+        "[[reader]]\nname = 'a'\npinpad = true\n\n"
+        "[[reader]]\nname = 'b'\npinpad = { timeout = 5, display = 'none' }\n"
+        "keypad = { enter = 'card-pin', new = '24681357' }\n\n"
+        "[[reader]]\nname = 'c'\npinpad = { display = '4x20' }\nkeypad = { enter = '1234' }\n\n"
+        "[[reader]]\nname = 'd'\npinpad = false\n"
+    )
+    a, b, c_, d = c.readers
+    assert (a.pinpad, a.keypad) == (PinpadConfig(), None)
+    assert b.pinpad == PinpadConfig(timeout=5.0, display=None)
+    assert b.keypad == KeypadConfig(enter=CARD_PIN, new="24681357")
+    assert c_.pinpad == PinpadConfig(display=(4, 20))
+    assert c_.keypad == KeypadConfig(enter="1234")
+    assert d.pinpad is None
+    # --pinpad / --keypad on the command line
+    plain = parse("[[reader]]\nname = 'x'\n")
+    assert plain.readers[0].pinpad is None
+    assert with_overrides(plain, pinpad=True).readers[0].pinpad == PinpadConfig()
+    keyed = with_overrides(plain, keypad=CARD_PIN).readers[0]
+    assert (keyed.pinpad, keyed.keypad) == (PinpadConfig(), KeypadConfig(enter=CARD_PIN))
+    kept = with_overrides(c, pinpad=True)
+    assert kept.readers[1].pinpad == b.pinpad  # a configured PIN pad stays as it is
+    mixed = parse("[[reader]]\nname = 'u'\n\n[[reader]]\nname = 'v'\nfrontend = 'vpcd'\n")
+    u, v = with_overrides(mixed, keypad="1234").readers
+    assert (u.pinpad, u.keypad) == (PinpadConfig(), KeypadConfig(enter="1234"))
+    assert (v.pinpad, v.keypad) == (None, None)  # vpcd carries APDUs, not PC_to_RDR_Secure
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "reason"),
+    [
+        ("[[reader]]\npinpad = 'yes'\n", 2, "reader[0].pinpad: expected true, false or a table"),
+        ("[[reader]]\npinpad = { timeout = 0 }\n", 2, "seconds, 1 to 3600"),
+        ("[[reader]]\npinpad = { display = '16x' }\n", 2, '"LINESxCOLUMNS"'),
+        ("[[reader]]\npinpad = { beep = true }\n", 2, "unknown key"),
+        ("[[reader]]\nkeypad = { enter = '1234' }\n", 2, "needs a PIN pad (pinpad = true)"),
+        ("[[reader]]\npinpad = true\nkeypad = { enter = '12a4' }\n", 3, '"card-pin" or 1 to 32'),
+        ("[[reader]]\npinpad = true\nkeypad = { new = '1234' }\n", 3, "missing key 'enter'"),
+        ("[[reader]]\npinpad = true\nkeypad = { enter = 1234 }\n", 3, "expected a string"),
+        ("[[reader]]\nfrontend = 'vpcd'\npinpad = true\n", 3, "a vpcd reader has no PIN pad"),
+    ],
+)
+def test_invalid_pinpad(text: str, line: int, reason: str) -> None:
+    exc = error(text)
+    assert exc.line == line, str(exc)
+    assert reason in str(exc), str(exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from usbccid.tool.control import (
     handle_request,
     parse_target,
     status_from_json,
+    status_to_json,
 )
 from usbccid.tool.control_server import ControlServer, ControlSocketError, probe, request
 
@@ -31,6 +32,7 @@ class FakeState:
     def __init__(self) -> None:
         self.slots = {("desk", 0): "present", ("desk", 1): "empty"}
         self.calls: list[tuple[str, str, int]] = []
+        self.typed: list[tuple[list[str], bool]] = []
 
     def status(self) -> ServerStatus:
         return ServerStatus(
@@ -72,6 +74,14 @@ class FakeState:
 
     def reload(self) -> Mapping[str, Any]:
         return {"changed": [], "restart_needed": [], "message": "reloaded: 0 card(s) changed"}
+
+    def pinpad(
+        self, reader: str, slot: int, entries: Sequence[str], cancel: bool
+    ) -> Mapping[str, Any]:
+        self._slot(reader, slot)
+        self.calls.append(("pinpad", reader, slot))
+        self.typed.append((list(entries), cancel))
+        return {"waiting": True, "accepted": sum(map(len, entries)), "ignored": 0}
 
 
 def ask(state: FakeState, payload: bytes) -> Any:
@@ -183,3 +193,61 @@ def test_stale_socket_is_replaced(tmp_path: Path) -> None:
 def test_socket_path_too_long(tmp_path: Path) -> None:
     with pytest.raises(ControlSocketError, match="too long"):
         request(tmp_path / ("x" * 120) / "control.sock", b"{}")
+
+
+def test_pinpad_requests() -> None:
+    state = FakeState()
+    reply = ask(state, encode_request("pinpad", "desk", 0, entries=["1234", "5678"]))
+    assert reply == {"reader": "desk", "slot": 0, "waiting": True, "accepted": 8, "ignored": 0}
+    ask(state, encode_request("pinpad", "1-1", 0, entries=[], cancel=True))
+    assert state.typed == [(["1234", "5678"], False), ([], True)]
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b'{"command": "pinpad", "reader": "desk"}', "needs entries to type, or cancel"),
+        (b'{"command": "pinpad", "reader": "desk", "entries": "1234"}', "a list of at most 3"),
+        (b'{"command": "pinpad", "reader": "desk", "entries": ["12a4"]}', "digits 0-9"),
+        (b'{"command": "pinpad", "reader": "desk", "entries": ["1","2","3","4"]}', "at most 3"),
+        (b'{"command": "pinpad", "reader": "desk", "entries": [1234]}', "strings of digits"),
+        (b'{"command": "pinpad", "reader": "desk", "cancel": 1}', "cancel must be true or"),
+        (b'{"command": "pinpad", "reader": "desk", "pin": "1"}', "unexpected field 'pin'"),
+        (b'{"command": "pinpad", "entries": ["1"]}', "pinpad needs a reader"),
+    ],
+)
+def test_pinpad_errors(payload: bytes, message: str) -> None:
+    reply = json.loads(handle_request(payload, FakeState()))
+    assert reply["ok"] is False
+    assert message in reply["error"]
+
+
+def test_status_with_a_waiting_pin_pad() -> None:
+    from usbccid.tool.control import PinPrompt
+
+    prompt = PinPrompt("modify", "new PIN", 2, 3, 3, 4, 8, 27.4, ("Enter new PIN", "***"))
+    base = FakeState().status()
+    reader = base.readers[0]
+    status = ServerStatus(
+        base.version,
+        base.listen,
+        base.pid,
+        base.uptime,
+        (
+            ReaderStatus(
+                **{
+                    **{f: getattr(reader, f) for f in reader.__dataclass_fields__},
+                    "slots": (SlotStatus(0, "active", "stored card", pinpad=prompt),),
+                    "pinpad": True,
+                }
+            ),
+        ),
+    )
+    back = status_from_json(json.loads(json.dumps(status_to_json(status))))
+    assert back == status
+    text = format_status(back)
+    assert "  PIN pad\n" in text
+    assert (
+        "    PIN pad waiting for the new PIN (modify, entry 2 of 3): 3 digits typed, 4-8, "
+        "27 s left; display 'Enter new PIN' '***'"
+    ) in text

@@ -75,3 +75,36 @@ def test_tracing_card_logs(caplog: pytest.LogCaptureFixture) -> None:
     assert "desk/0 > 00 20 00 80 08 [8 bytes redacted]" in text
     assert "31 32 33" not in text
     assert not card.blocking
+
+
+def test_keyed_apdus_are_redacted_whatever_the_instruction(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An APDU built by the PIN pad (PC_to_RDR_Secure) carries digits typed on the keypad:
+    its data is redacted even when its INS is not one of the PIN instructions."""
+    r = Redactor()
+    assert (
+        r.keyed_command(bytes.fromhex("0020000008") + PIN)
+        == "00 20 00 00 08 [8 bytes keyed on the PIN pad, redacted]"
+    )
+    proprietary = bytes.fromhex("80ee0000") + b"\x04" + PIN[:4]
+    assert r.command(proprietary) == proprietary.hex(" ")  # an ordinary one would show
+    assert r.keyed_command(proprietary) == "80 ee 00 00 04 [4 bytes keyed on the PIN pad, redacted]"
+    assert r.response(bytes.fromhex("63c2")) == "63 c2"
+    assert r.keyed_command(b"\x31\x32") == "[2 bytes keyed on the PIN pad, redacted]"
+
+    from usbccid.card import transmit_keyed
+    from usbccid.ccid.testcard import EchoCard
+    from usbccid.tool.trace import CountingCard
+
+    counters: dict[str, int] = {}
+    card = TracingCard(CountingCard(EchoCard(), counters), "desk/0")
+    with caplog.at_level(logging.INFO, logger="usbccid.tool.trace"):
+        response = transmit_keyed(card, bytes.fromhex("80100000") + b"\x08" + PIN)
+    assert response == PIN + b"\x90\x00"  # the echo card saw the digits
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert lines == [
+        "desk/0 > 80 10 00 00 08 [8 bytes keyed on the PIN pad, redacted]",
+        "desk/0 < [8 bytes redacted] 90 00",  # the response's data too: it could echo
+    ]
+    assert counters == {"apdus": 1, "pinpad_entries": 1}

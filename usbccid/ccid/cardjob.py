@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Protocol
 
-from usbccid.card import Card
+from usbccid.card import Card, transmit_keyed
 from usbccid.ccid.slot import SlotState
 from usbccid.ccid.wire import PcToRdr
 
@@ -48,6 +48,7 @@ class CardJob:
         card: Card,
         next_state: SlotState,
         apdu: bytes = b"",
+        keyed: bool = False,
     ) -> None:
         self._reader = reader
         self.epoch = epoch
@@ -58,6 +59,7 @@ class CardJob:
         self.card = card
         self.next_state = next_state
         self.apdu = apdu
+        self.keyed = keyed  # the APDU holds PIN digits from the keypad (PC_to_RDR_Secure)
         self.result: bytes | None = None
         self.exception: BaseException | None = None
         self.started = False
@@ -75,6 +77,8 @@ class CardJob:
             elif self.op is CardOp.POWER_OFF:
                 self.card.power_off()
                 self.result = b""
+            elif self.keyed:
+                self.result = transmit_keyed(self.card, self.apdu)
             else:
                 self.result = self.card.transmit(self.apdu)
         except Exception as exc:  # a card bug must not leave the host waiting forever
@@ -85,4 +89,5 @@ class CardJob:
         self._reader._finish(self)
 
     def __repr__(self) -> str:
-        return f"<CardJob slot={self.slot} seq={self.seq} {self.op.name}>"
+        keyed = " keyed" if self.keyed else ""
+        return f"<CardJob slot={self.slot} seq={self.seq} {self.op.name}{keyed}>"

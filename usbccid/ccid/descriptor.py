@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from usbccid.ccid.pinpad import PinPadConfig
 from usbccid.ccid.wire import (
     CLASS_DESCRIPTOR_LENGTH,
     ClassDescriptor,
@@ -107,6 +108,9 @@ class ReaderConfig:
     renotify_interval: float = 0.25
     renotify_max_interval: float = 2.0
     renotify_limit: int = 8
+    # A PIN pad (usbccid.ccid.pinpad): bPINSupport and wLcdLayout say so, and the reader
+    # serves PC_to_RDR_Secure. None: no PIN pad, Secure is "command not supported".
+    pinpad: PinPadConfig | None = None
 
     def __post_init__(self) -> None:
         if not MIN_MESSAGE_LENGTH <= self.max_message_length <= MAX_MESSAGE_LENGTH_EXTENDED:
@@ -149,8 +153,11 @@ def class_descriptor(config: ReaderConfig, slot_count: int) -> ClassDescriptor:
         max_ccid_message_length=config.max_message_length,
         class_get_response=0xFF,  # echo the APDU's CLA (§5.1)
         class_envelope=0xFF,
-        lcd_layout=0,  # no LCD
-        pin_support=0,  # no PIN pad: PC_to_RDR_Secure is "not supported"
+        # libccid 1.5.2 ccid_usb.c reads wLcdLayout and bPINSupport from bytes 50..52;
+        # ifdhandler.c offers FEATURE_VERIFY_PIN_DIRECT for bit 0, FEATURE_MODIFY_PIN_DIRECT
+        # for bit 1, FEATURE_IFD_PIN_PROPERTIES (wLcdLayout) for either.
+        lcd_layout=config.pinpad.lcd_layout if config.pinpad else 0,
+        pin_support=config.pinpad.pin_support if config.pinpad else 0,
         # Each slot runs its own card work. libccid 1.5.2 ifdhandler.c
         # TAG_IFD_SLOT_THREAD_SAFE answers 1 ("all slots can be used simultaneously")
         # only when bMaxCCIDBusySlots == bMaxSlotIndex + 1; otherwise pcscd serialises.

@@ -34,6 +34,7 @@ from usbccid.ccid.chaining import ApduChain, ResponseBlock
 from usbccid.ccid.descriptor import ReaderConfig, interface_spec
 from usbccid.ccid.errors import CcidError, CommandStatus, IccStatus, SlotError
 from usbccid.ccid.identity import make_identity
+from usbccid.ccid.pinpad import EntryState, PinOutcome, PinPad, pin_request
 from usbccid.ccid.slot import ICC_STATUS, Action, SlotInput, SlotState, rule
 from usbccid.ccid.wire import (
     HEADER_SIZE,
@@ -80,6 +81,10 @@ logger = logging.getLogger(__name__)
 REQUEST_ABORT = 0x01
 REQUEST_GET_CLOCK_FREQUENCIES = 0x02
 REQUEST_GET_DATA_RATES = 0x03
+
+# libccid 1.5.2 sends every Gemalto reader (vendor 08E6h) the three message indexes of a
+# PIN modification whatever bNumberMessage says (commands.c has_gemalto_modify_pin_bug).
+GEMALTO_VENDOR_ID = 0x08E6
 
 _INPUT_OF: dict[type[Command], SlotInput] = {
     IccPowerOn: SlotInput.POWER_ON,
@@ -186,6 +191,11 @@ class CcidReader:
         self._out: deque[_Outgoing] = deque()
         self._out_offset = 0
         self._jobs: deque[CardJob] = deque()
+        #: The PIN pad (PC_to_RDR_Secure) when the configuration has one: its keypad API
+        #: (``enter``, ``prompt``) and ``policy`` are the local side (usbccid.ccid.pinpad).
+        self.pinpad: PinPad | None = None
+        if self.config.pinpad is not None:
+            self.pinpad = PinPad(self.config.pinpad, self._pin_outcome)
         self.reset()
 
     # ---------------------------------------------------------------- local API
@@ -242,6 +252,7 @@ class CcidReader:
             self._jobs.remove(job)
             record.job = None
             self._answer(OP_MESSAGE[job.op], record.index, job.seq, self._card_gone)
+        self._drop_pin_entry(record, self._card_gone)
         return card
 
     # ---------------------------------------------------------------- UsbFunction
@@ -264,6 +275,8 @@ class CcidReader:
         self._out.clear()
         self._out_offset = 0
         self._jobs.clear()
+        if self.pinpad is not None:
+            self.pinpad.clear()
         for record in self._slots:
             record.job = None
             record.next_extension = None
@@ -357,6 +370,10 @@ class CcidReader:
     def next_job(self, now: float) -> Job | None:
         """The next card operation to run; ``now`` is when it starts."""
         self._arm_renotify(now)  # the driver calls this after every event
+        if self.pinpad is not None:
+            for slot in self.pinpad.arm(now):  # new PIN entries: deadline, time extensions
+                if self.pinpad.waiting(slot):
+                    self._slots[slot].next_extension = now + self.config.time_extension_interval
         if not self._jobs:
             return None
         job = self._jobs.popleft()
@@ -371,6 +388,9 @@ class CcidReader:
     def get_timer(self) -> float | None:
         deadlines = [s.next_extension for s in self._slots if s.next_extension is not None]
         deadlines += [s.renotify_at for s in self._slots if s.renotify_at is not None]
+        pin_deadline = self.pinpad.get_timer() if self.pinpad is not None else None
+        if pin_deadline is not None:
+            deadlines.append(pin_deadline)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
@@ -379,15 +399,18 @@ class CcidReader:
         bulk-IN completion carries at most one, and never with the final reply. Also
         repeats the unanswered slot notifications of a multi-slot reader (_renotify)."""
         self._renotify(now)
+        if self.pinpad is not None:
+            self.pinpad.expire(now)  # a PIN entry past its bTimeOut: PIN_TIMEOUT
         interval = self.config.time_extension_interval
         for record in self._slots:
             due = record.next_extension
-            if due is None or now < due or record.job is None:
+            seq = self._pending_seq(record)
+            if due is None or now < due or seq is None:
                 continue
             if not any(o.time_extension and o.slot == record.index for o in self._out):
                 extension = DataBlock(
                     record.index,
-                    record.job.seq,
+                    seq,
                     icc_status=record.icc_status,
                     command_status=CommandStatus.TIME_EXTENSION,
                     error=self.config.time_extension_multiplier,
@@ -523,7 +546,10 @@ class CcidReader:
             record.renotify_at = None
         if isinstance(command, Abort):
             return self._bulk_abort(record, command.seq)
-        step = rule(record.state, _INPUT_OF[type(command)], busy=record.busy)
+        busy = record.busy or (self.pinpad is not None and self.pinpad.waiting(record.index))
+        step = rule(
+            record.state, _INPUT_OF[type(command)], busy=busy, pinpad=self.pinpad is not None
+        )
         match step.action:
             case Action.FAIL:
                 assert step.error is not None
@@ -542,6 +568,14 @@ class CcidReader:
             case Action.CARD_TRANSMIT:
                 assert isinstance(command, XfrBlock)
                 return self._xfr_block(record, command, step.next_state)
+            case Action.PIN_ENTRY:
+                assert isinstance(command, Secure)
+                assert self.pinpad is not None
+                gemalto = self.identity.vendor_id == GEMALTO_VENDOR_ID
+                request = pin_request(command.data, command.level_parameter, gemalto=gemalto)
+                record.chain.reset()
+                self.pinpad.start(record.index, command.seq, request)
+                return None  # answered when the entry ends (_pin_outcome)
         raise AssertionError(f"no host command leads to {step.action}")
 
     def _reply_now(self, record: _Slot, command: Command) -> Reply:
@@ -607,7 +641,14 @@ class CcidReader:
         )
 
     def _start(
-        self, record: _Slot, op: CardOp, seq: int, next_state: SlotState, apdu: bytes = b""
+        self,
+        record: _Slot,
+        op: CardOp,
+        seq: int,
+        next_state: SlotState,
+        apdu: bytes = b"",
+        *,
+        keyed: bool = False,
     ) -> Reply | None:
         """Queue card work for ``record``; the reply comes when the job finishes (None)."""
         assert record.card is not None
@@ -622,6 +663,7 @@ class CcidReader:
             card=record.card,
             next_state=next_state,
             apdu=apdu,
+            keyed=keyed,
         )
         record.job = job
         self._jobs.append(job)
@@ -682,6 +724,11 @@ class CcidReader:
             self._answer(OP_MESSAGE[job.op], record.index, job.seq, aborted)
         elif job is not None:
             job.aborted = True
+
+        def aborted_entry() -> Reply:
+            raise CcidError(SlotError.CMD_ABORTED)
+
+        self._drop_pin_entry(record, aborted_entry)
         if record.bulk_abort_seq == seq:
             record.bulk_abort_seq = None
             self._complete_abort(record, seq)
@@ -701,6 +748,44 @@ class CcidReader:
             record.deferred_abort_seq = seq  # after the aborted command's own reply
         else:
             self._send(SlotStatus(record.index, seq, record.icc_status))
+
+    # ---------------------------------------------------------------- PIN pad (§6.1.11)
+
+    def _pin_outcome(self, slot: int, outcome: PinOutcome) -> None:
+        """A PIN entry ended (keys, policy or timeout): answer its Secure command."""
+        record = self._slots[slot]
+        record.next_extension = None
+        self._drop_unread_time_extensions(slot)
+        if outcome.state is EntryState.ENTERED:
+            # The keyed APDU goes to the card like an XfrBlock's; the answer is its response.
+            self._start(
+                record, CardOp.TRANSMIT, outcome.seq, SlotState.ACTIVE, outcome.apdu, keyed=True
+            )
+            return
+
+        def answer() -> Reply:
+            if outcome.state is EntryState.CANCELLED:
+                raise CcidError(SlotError.PIN_CANCELLED, "PIN entry cancelled")
+            if outcome.state is EntryState.TIMED_OUT:
+                raise CcidError(SlotError.PIN_TIMEOUT, "PIN entry timed out")
+            return DataBlock(record.index, outcome.seq, record.icc_status, data=outcome.status_word)
+
+        self._answer(PcToRdr.SECURE, slot, outcome.seq, answer)
+
+    def _drop_pin_entry(self, record: _Slot, answer: Callable[[], Reply | None]) -> None:
+        """End the slot's waiting PIN entry without the keypad (card gone, abort)."""
+        seq = self.pinpad.drop(record.index) if self.pinpad is not None else None
+        if seq is None:
+            return
+        record.next_extension = None
+        self._drop_unread_time_extensions(record.index)
+        self._answer(PcToRdr.SECURE, record.index, seq, answer)
+
+    def _pending_seq(self, record: _Slot) -> int | None:
+        """bSeq of the command the slot is busy with (card work or a PIN entry)."""
+        if record.job is not None:
+            return record.job.seq
+        return self.pinpad.seq(record.index) if self.pinpad is not None else None
 
     # ---------------------------------------------------------------- helpers
 

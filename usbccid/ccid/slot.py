@@ -8,8 +8,9 @@ enumerate it exhaustively.
 
 Not in the table, because they cut across every state:
 
-* BUSY: while card work (a :class:`usbccid.jobs.Job`) runs for a slot, every command to
-  that slot except PC_to_RDR_Abort fails with CMD_SLOT_BUSY (CCID Rev 1.1 §6.2.6;
+* BUSY: while card work (a :class:`usbccid.jobs.Job`) runs for a slot, or its PIN pad
+  waits for the keypad, every command to that slot except PC_to_RDR_Abort fails with
+  CMD_SLOT_BUSY (CCID Rev 1.1 §6.2.6;
   bMaxCCIDBusySlots, §5.1). See :func:`rule`.
 * ABORT: the control-request / bulk-message pairing of CCID Rev 1.1 §5.3.1.
 * Extended-APDU chaining inside XfrBlock (§6.1.4 wLevelParameter): a chained command is
@@ -61,6 +62,7 @@ class Action(enum.Enum):
     CARD_POWER_ON = enum.auto()  # job: card.power_on() (cold reset), reply DataBlock(ATR)
     CARD_POWER_OFF = enum.auto()  # job: card.power_off(), reply SlotStatus
     CARD_TRANSMIT = enum.auto()  # job: card.transmit(APDU), reply DataBlock(response)
+    PIN_ENTRY = enum.auto()  # PIN pad: wait for the keypad, then a keyed card transmit
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +95,9 @@ _UNSUPPORTED = SlotError.CMD_NOT_SUPPORTED
 
 # Commands this reader answers "command not supported" (bError 0, §6.2.6) in every state:
 # no vendor escapes; no clock control (dwFeatures lacks 0x100, §5.1); T0APDU only matters
-# to a reader doing GET RESPONSE itself, and ours passes 61xx through; no PIN pad
-# (bPINSupport 0); no mechanical functions (dwMechanical 0); unknown message types.
+# to a reader doing GET RESPONSE itself, and ours passes 61xx through; Secure unless the
+# reader has a PIN pad (bPINSupport 0; see PINPAD_TRANSITIONS); no mechanical functions
+# (dwMechanical 0); unknown message types.
 _NOT_SUPPORTED = (
     _I.ESCAPE,
     _I.ICC_CLOCK,
@@ -148,15 +151,29 @@ for _state in SlotState:
     for _input in _NOT_SUPPORTED:
         TRANSITIONS[(_state, _input)] = _fail(_state, _UNSUPPORTED)
 
+# A reader with a PIN pad (usbccid.ccid.pinpad) serves PC_to_RDR_Secure (CCID Rev 1.1
+# §6.1.11) to a powered card; without a powered card there is no APDU to send, answered
+# like an XfrBlock would be.
+PINPAD_TRANSITIONS: dict[tuple[SlotState, SlotInput], Rule] = {
+    (_A, _I.SECURE): _fail(_A, _MUTE),
+    (_P, _I.SECURE): _fail(_P, _MUTE),
+    (_ON, _I.SECURE): Rule(Action.PIN_ENTRY, _ON),
+}
+
 HOST_INPUTS = frozenset(SlotInput) - {SlotInput.INSERT, SlotInput.REMOVE}
 
 
-def rule(state: SlotState, slot_input: SlotInput, *, busy: bool = False) -> Rule:
-    """What happens when ``slot_input`` meets a slot in ``state``.
+def rule(
+    state: SlotState, slot_input: SlotInput, *, busy: bool = False, pinpad: bool = False
+) -> Rule:
+    """What happens when ``slot_input`` meets a slot in ``state`` (of a reader with a PIN
+    pad when ``pinpad``).
 
     A busy slot answers every host command with CMD_SLOT_BUSY and keeps its state;
     hot-plug still applies to it.
     """
     if busy and slot_input in HOST_INPUTS:
         return Rule(Action.FAIL, state, SlotError.CMD_SLOT_BUSY)
+    if pinpad and (state, slot_input) in PINPAD_TRANSITIONS:
+        return PINPAD_TRANSITIONS[(state, slot_input)]
     return TRANSITIONS[(state, slot_input)]

@@ -28,8 +28,10 @@ from construct import (
     Construct,
     ConstructError,
     Container,
+    Flag,
     GreedyBytes,
     GreedyRange,
+    If,
     Int8ul,
     Int16ul,
     Int32ul,
@@ -820,3 +822,310 @@ def build_dwords(values: list[int]) -> bytes:
 
 def parse_dwords(data: bytes) -> list[int]:
     return [int(v) for v in _parse(DWORD_ARRAY, data, "dword array")]
+
+
+# --------------------------------------------------------------------------------------
+# PC_to_RDR_Secure: the PIN operation and its data structures (CCID Rev 1.1 §6.1.11)
+#
+# abData of a Secure message is bPINOperation (message offset 10) followed by
+# abPINDataStructure (offset 11). For a verification (bPINOperation 00h) that is the "PIN
+# Verification Data Structure" of §6.1.11, for a modification (01h) the "PIN Modification
+# Data Structure"; both end with the APDU template abPINApdu. libccid 1.5.2 (commands.c
+# SecurePINVerify / SecurePINModify) builds them from the PC/SC v2 part 10
+# PIN_VERIFY_STRUCTURE / PIN_MODIFY_STRUCTURE by dropping bTimeOut2 and ulDataLength,
+# and, for a modification, bMsgIndex2 when bNumberMessage is 0 and bMsgIndex3 when
+# bNumberMessage is below 3 (FFh counts as 3).
+
+
+class PinOperation(enum.IntEnum):
+    """bPINOperation (CCID Rev 1.1 §6.1.11)."""
+
+    VERIFY = 0x00
+    MODIFY = 0x01
+    TRANSFER = 0x02  # transfer PIN from secure memory
+    WAIT_ICC_RESPONSE = 0x03
+    CANCEL = 0x04  # cancel PIN function
+    RESEND_LAST_I_BLOCK = 0x05
+    SEND_NEXT_PART = 0x06  # send next part of APDU (T=1)
+
+
+class PinType(enum.IntEnum):
+    """bmFormatString bits 1..0: how each digit is coded."""
+
+    BINARY = 0  # one byte per digit, 00h..09h
+    BCD = 1  # one nibble per digit
+    ASCII = 2  # one byte per digit, 30h..39h
+
+
+# bmFormatString: bit 7 the unit of bits 6..3 (0 bits, 1 bytes); bits 6..3 the PIN's
+# position after formatting, relative to the first data byte after Lc; bit 2 justification
+# (0 left, 1 right); bits 1..0 the PIN type (00 binary, 01 BCD, 10 ASCII, 11 RFU).
+# BitStruct reads the most significant bit first.
+PIN_FORMAT_STRING = BitStruct(
+    "bmUnitsBytes" / Flag,
+    "bmPINPosition" / BitsInteger(4),
+    "bmRightJustify" / Flag,
+    "bmPINType" / BitsInteger(2),
+)
+# bmPINBlockString: bits 7..4 the size of the PIN length field in bits (0: no length
+# field); bits 3..0 the PIN block size in bytes after justification and formatting.
+PIN_BLOCK_STRING = BitStruct("bmPINLengthSize" / BitsInteger(4), "bmPINBlockSize" / BitsInteger(4))
+# bmPINLengthFormat: bits 7..5 RFU; bit 4 the unit of bits 3..0 (0 bits, 1 bytes); bits
+# 3..0 the PIN length field's position, relative to the first data byte after Lc.
+PIN_LENGTH_FORMAT = BitStruct(
+    "bmRFU" / BitsInteger(3),
+    "bmUnitsBytes" / Flag,
+    "bmPINLengthPosition" / BitsInteger(4),
+)
+
+PIN_VERIFY = Struct(
+    "bTimeOut" / Int8ul,  # seconds; 00h: the reader's default
+    "bmFormatString" / PIN_FORMAT_STRING,
+    "bmPINBlockString" / PIN_BLOCK_STRING,
+    "bmPINLengthFormat" / PIN_LENGTH_FORMAT,
+    "wPINMaxExtraDigit" / Int16ul,  # XXYYh: XX minimum, YY maximum PIN size in digits
+    "bEntryValidationCondition" / Int8ul,  # bit 0 max size, bit 1 key, bit 2 timeout
+    "bNumberMessage" / Int8ul,  # 00h none, 01h bMsgIndex, FFh the reader's default
+    "wLangId" / Int16ul,
+    "bMsgIndex" / Int8ul,
+    "bTeoPrologue" / Bytes(3),  # T=1 TPDU readers only
+    "abPINApdu" / GreedyBytes,
+)
+
+
+def _has_index(n: int) -> Any:
+    """Whether bMsgIndex``n`` (2 or 3) is in a modification structure: libccid's layout,
+    or all three when the reader is a Gemalto one (``_params.all_indexes``, below)."""
+
+    def present(ctx: Any) -> bool:
+        if ctx._params.get("all_indexes", False):
+            return True
+        number = int(ctx.bNumberMessage)
+        return number != 0 if n == 2 else number >= 3
+
+    return present
+
+
+PIN_MODIFY = Struct(
+    "bTimeOut" / Int8ul,
+    "bmFormatString" / PIN_FORMAT_STRING,
+    "bmPINBlockString" / PIN_BLOCK_STRING,
+    "bmPINLengthFormat" / PIN_LENGTH_FORMAT,
+    "bInsertionOffsetOld" / Int8ul,  # bytes, relative to the first data byte after Lc
+    "bInsertionOffsetNew" / Int8ul,
+    "wPINMaxExtraDigit" / Int16ul,
+    "bConfirmPIN" / Int8ul,  # bit 0 confirm the new PIN, bit 1 enter the current PIN
+    "bEntryValidationCondition" / Int8ul,
+    "bNumberMessage" / Int8ul,  # 00h, 01h..03h, FFh
+    "wLangId" / Int16ul,
+    "bMsgIndex1" / Int8ul,
+    "bMsgIndex2" / If(_has_index(2), Int8ul),
+    "bMsgIndex3" / If(_has_index(3), Int8ul),
+    "bTeoPrologue" / Bytes(3),
+    "abPINApdu" / GreedyBytes,
+)
+
+SECURE_DATA = Struct(
+    "bPINOperation" / Int8ul,
+    "abPINDataStructure"
+    / Switch(
+        this.bPINOperation,
+        {int(PinOperation.VERIFY): PIN_VERIFY, int(PinOperation.MODIFY): PIN_MODIFY},
+        default=GreedyBytes,
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PinFormat:
+    """bmFormatString, bmPINBlockString and bmPINLengthFormat, field by field."""
+
+    units_bytes: bool = True  # bmFormatString bit 7: position in bytes (else bits)
+    position: int = 0  # bits 6..3
+    right_justify: bool = False  # bit 2
+    pin_type: int = PinType.ASCII  # bits 1..0 (3 is RFU)
+    length_size: int = 0  # bmPINBlockString bits 7..4: PIN length field, in bits
+    block_size: int = 0  # bits 3..0: PIN block, in bytes (0: as long as the PIN)
+    length_units_bytes: bool = False  # bmPINLengthFormat bit 4
+    length_position: int = 0  # bits 3..0
+    length_rfu: int = 0  # bits 7..5
+
+    def _containers(self) -> dict[str, dict[str, int | bool]]:
+        return {
+            "bmFormatString": {
+                "bmUnitsBytes": self.units_bytes,
+                "bmPINPosition": self.position,
+                "bmRightJustify": self.right_justify,
+                "bmPINType": self.pin_type,
+            },
+            "bmPINBlockString": {
+                "bmPINLengthSize": self.length_size,
+                "bmPINBlockSize": self.block_size,
+            },
+            "bmPINLengthFormat": {
+                "bmRFU": self.length_rfu,
+                "bmUnitsBytes": self.length_units_bytes,
+                "bmPINLengthPosition": self.length_position,
+            },
+        }
+
+    @classmethod
+    def _from(cls, c: Container[Any]) -> PinFormat:
+        f, b, n = c.bmFormatString, c.bmPINBlockString, c.bmPINLengthFormat
+        return cls(
+            units_bytes=bool(f.bmUnitsBytes),
+            position=int(f.bmPINPosition),
+            right_justify=bool(f.bmRightJustify),
+            pin_type=int(f.bmPINType),
+            length_size=int(b.bmPINLengthSize),
+            block_size=int(b.bmPINBlockSize),
+            length_units_bytes=bool(n.bmUnitsBytes),
+            length_position=int(n.bmPINLengthPosition),
+            length_rfu=int(n.bmRFU),
+        )
+
+    @property
+    def bytes(self) -> bytes:
+        """The three bytes bmFormatString, bmPINBlockString, bmPINLengthFormat."""
+        c = self._containers()
+        return (
+            PIN_FORMAT_STRING.build(c["bmFormatString"])
+            + PIN_BLOCK_STRING.build(c["bmPINBlockString"])
+            + PIN_LENGTH_FORMAT.build(c["bmPINLengthFormat"])
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PinVerify:
+    """The PIN verification data structure (bPINOperation 00h)."""
+
+    format: PinFormat = PinFormat()
+    apdu: bytes = b""  # abPINApdu: the template the PIN goes into
+    timeout: int = 0  # bTimeOut, seconds (0: the reader's default)
+    min_digits: int = 4  # wPINMaxExtraDigit high byte
+    max_digits: int = 8  # wPINMaxExtraDigit low byte
+    entry_validation: int = 0x02  # bEntryValidationCondition
+    number_message: int = 0x00  # bNumberMessage
+    lang_id: int = 0x0409  # wLangId
+    msg_index: int = 0x00  # bMsgIndex
+    teo_prologue: bytes = b"\0\0\0"
+
+
+@dataclass(frozen=True, slots=True)
+class PinModify:
+    """The PIN modification data structure (bPINOperation 01h)."""
+
+    format: PinFormat = PinFormat()
+    apdu: bytes = b""
+    timeout: int = 0
+    insertion_offset_old: int = 0  # bInsertionOffsetOld, bytes
+    insertion_offset_new: int = 0  # bInsertionOffsetNew, bytes
+    min_digits: int = 4
+    max_digits: int = 8
+    confirm_pin: int = 0x03  # bConfirmPIN
+    entry_validation: int = 0x02
+    number_message: int = 0x00
+    lang_id: int = 0x0409
+    msg_indexes: tuple[int, ...] = (0x00,)  # bMsgIndex1 [, bMsgIndex2 [, bMsgIndex3]]
+    teo_prologue: bytes = b"\0\0\0"
+
+
+def parse_secure_data(data: bytes, *, all_message_indexes: bool = False) -> PinVerify | PinModify:
+    """abData of a PC_to_RDR_Secure: bPINOperation and its PIN data structure.
+
+    ``all_message_indexes``: the modification structure carries bMsgIndex1..3 whatever
+    bNumberMessage says (what libccid sends to a Gemalto reader: commands.c
+    has_gemalto_modify_pin_bug).
+
+    Raises:
+        CcidError: BAD_LENGTH when the structure is cut short; bError 0Ah (the offset of
+            bPINOperation) for an operation other than verification or modification.
+    """
+    c = _parse_with(SECURE_DATA, bytes(data), "PIN data structure", all_message_indexes)
+    operation = int(c.bPINOperation)
+    s = c.abPINDataStructure
+    if operation == PinOperation.VERIFY:
+        return PinVerify(
+            format=PinFormat._from(s),
+            apdu=bytes(s.abPINApdu),
+            timeout=int(s.bTimeOut),
+            min_digits=int(s.wPINMaxExtraDigit) >> 8,
+            max_digits=int(s.wPINMaxExtraDigit) & 0xFF,
+            entry_validation=int(s.bEntryValidationCondition),
+            number_message=int(s.bNumberMessage),
+            lang_id=int(s.wLangId),
+            msg_index=int(s.bMsgIndex),
+            teo_prologue=bytes(s.bTeoPrologue),
+        )
+    if operation == PinOperation.MODIFY:
+        indexes = tuple(int(i) for i in (s.bMsgIndex1, s.bMsgIndex2, s.bMsgIndex3) if i is not None)
+        return PinModify(
+            format=PinFormat._from(s),
+            apdu=bytes(s.abPINApdu),
+            timeout=int(s.bTimeOut),
+            insertion_offset_old=int(s.bInsertionOffsetOld),
+            insertion_offset_new=int(s.bInsertionOffsetNew),
+            min_digits=int(s.wPINMaxExtraDigit) >> 8,
+            max_digits=int(s.wPINMaxExtraDigit) & 0xFF,
+            confirm_pin=int(s.bConfirmPIN),
+            entry_validation=int(s.bEntryValidationCondition),
+            number_message=int(s.bNumberMessage),
+            lang_id=int(s.wLangId),
+            msg_indexes=indexes,
+            teo_prologue=bytes(s.bTeoPrologue),
+        )
+    raise CcidError(SECURE_PIN_OPERATION_OFFSET, f"bPINOperation {operation:02X}h")
+
+
+#: Offset of bPINOperation in the Secure message (header 10 bytes, then abData).
+SECURE_PIN_OPERATION_OFFSET = HEADER_SIZE
+
+
+def _parse_with(
+    struct: Construct[Any, Any], data: bytes, what: str, all_indexes: bool
+) -> Container[Any]:
+    try:
+        parsed: Container[Any] = struct.parse(data, all_indexes=all_indexes)
+    except ConstructError as exc:
+        raise CcidError(SlotError.BAD_LENGTH, f"malformed {what}: {exc}") from exc
+    return parsed
+
+
+def build_secure_data(
+    structure: PinVerify | PinModify, *, all_message_indexes: bool = False
+) -> bytes:
+    """abData of a PC_to_RDR_Secure (what libccid sends; used by tests and tools).
+
+    A modification structure's ``msg_indexes`` must hold as many indexes as the layout
+    for its bNumberMessage has (see :func:`parse_secure_data`).
+    """
+    common: dict[str, Any] = {
+        "bTimeOut": structure.timeout,
+        **structure.format._containers(),
+        "wPINMaxExtraDigit": structure.min_digits << 8 | structure.max_digits,
+        "bEntryValidationCondition": structure.entry_validation,
+        "bNumberMessage": structure.number_message,
+        "wLangId": structure.lang_id,
+        "bTeoPrologue": structure.teo_prologue,
+        "abPINApdu": structure.apdu,
+    }
+    if isinstance(structure, PinVerify):
+        operation = PinOperation.VERIFY
+        common["bMsgIndex"] = structure.msg_index
+    else:
+        operation = PinOperation.MODIFY
+        indexes = [*structure.msg_indexes, None, None][:3]
+        common.update(
+            bInsertionOffsetOld=structure.insertion_offset_old,
+            bInsertionOffsetNew=structure.insertion_offset_new,
+            bConfirmPIN=structure.confirm_pin,
+            bMsgIndex1=indexes[0],
+            bMsgIndex2=indexes[1],
+            bMsgIndex3=indexes[2],
+        )
+    return bytes(
+        SECURE_DATA.build(
+            {"bPINOperation": int(operation), "abPINDataStructure": common},
+            all_indexes=all_message_indexes,
+        )
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from usbccid.card import Card
+from usbccid.ccid.pinpad import PinPad
 from usbccid.errors import UsbccidError
 from usbccid.tool.config import ReaderConfig
 from usbccid.usbip.function import DeviceIdentity
@@ -60,6 +61,15 @@ class FrontendReader(Protocol):
         """More about the slot for ``ctl status`` (vpcd: connected or why not; vscard:
         which QEMU has it), or None."""
         ...
+
+
+class PinPadReader(FrontendReader, Protocol):
+    """A reader that may have a PIN pad (the USB/IP CCID reader): ``pinpad`` is its keypad
+    (:class:`usbccid.ccid.pinpad.PinPad`) or None. Front ends without PC_to_RDR_Secure
+    need not have the attribute; the composition root asks with ``getattr``."""
+
+    @property
+    def pinpad(self) -> PinPad | None: ...
 
 
 class Frontend(Protocol):

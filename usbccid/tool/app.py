@@ -21,8 +21,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -32,6 +32,8 @@ from usbccid.card import Card
 from usbccid.cards.registry import CardSourceConfig, load_card
 from usbccid.cards.source import LiveCard, LoadedCard
 from usbccid.cards.store import StateError
+from usbccid.ccid.pinpad import PinPad
+from usbccid.ccid.pinpad import PinPrompt as Prompt
 from usbccid.errors import UsbccidError
 from usbccid.frontends.base import Frontend, FrontendError, FrontendReader
 from usbccid.frontends.registry import FRONTENDS
@@ -39,6 +41,7 @@ from usbccid.frontends.usbip.frontend import UsbipFrontend
 from usbccid.tool import config as cfg
 from usbccid.tool.control import (
     ControlError,
+    PinPrompt,
     ReaderStatus,
     ServerStatus,
     SlotStatus,
@@ -82,6 +85,45 @@ class _Reader:
     @property
     def busid(self) -> str:
         return self.reader.address
+
+    @property
+    def pinpad(self) -> PinPad | None:
+        pad: PinPad | None = getattr(self.reader, "pinpad", None)
+        return pad
+
+
+class KeypadPolicy:
+    """Who types on a reader's PIN pad: the configured ``keypad`` policy, or nobody (the
+    prompt waits for ``usbccid ctl pinpad``). Logs every prompt, never a digit."""
+
+    def __init__(self, reader: _Reader) -> None:
+        self._reader = reader
+
+    def digits(self, prompt: Prompt) -> str | None:
+        r = self._reader
+        keypad = r.config.keypad
+        what = (
+            f"reader {r.config.name} slot {prompt.slot}: PIN pad asks for the "
+            f"{prompt.stage.value} ({prompt.operation}, entry {prompt.stage_number} of "
+            f"{prompt.stage_count}, {prompt.min_digits}-{prompt.max_digits} digits)"
+        )
+        if keypad is None:
+            hint = f"usbccid ctl pinpad {r.config.name}:{prompt.slot} --digits ..."
+            log.info("%s: type it with '%s'", what, hint)
+            return None
+        entry = keypad.enter
+        if prompt.stage.name != "CURRENT" and keypad.new is not None:
+            entry = keypad.new
+        if entry != cfg.CARD_PIN:
+            log.info("%s: the keypad policy types the configured digits", what)
+            return entry
+        slot = r.slots[prompt.slot] if prompt.slot < len(r.slots) else None
+        pin = slot.card.current_pin if slot is not None and slot.card is not None else None
+        if pin is None:
+            log.warning("%s: the keypad policy has no card PIN to type; waiting", what)
+            return None
+        log.info("%s: the keypad policy types the card's PIN", what)
+        return pin
 
 
 class App:
@@ -138,6 +180,8 @@ class App:
             except FrontendError as exc:
                 raise AppError(str(exc)) from None
             r = _Reader(rc, reader, slots)
+            if r.pinpad is not None:
+                r.pinpad.policy = KeypadPolicy(r)
             for index, slot in enumerate(slots):
                 self._fill(r, index, slot.config.inserted)
             readers.append(r)
@@ -334,11 +378,15 @@ class App:
         readers = []
         for r in self.readers:
             slots = []
+            pad = r.pinpad
             for index, slot in enumerate(r.slots):
                 state = r.reader.slot_state(index) if slot.inserted else "empty"
                 card = slot.card.description if slot.card is not None else None
+                prompt = _prompt(pad.prompt(index), self._clock()) if pad is not None else None
                 detail = r.reader.slot_detail(index)
-                slots.append(SlotStatus(index=index, state=state, card=card, detail=detail))
+                slots.append(
+                    SlotStatus(index=index, state=state, card=card, detail=detail, pinpad=prompt)
+                )
             identity = r.reader.identity
             readers.append(
                 ReaderStatus(
@@ -351,6 +399,7 @@ class App:
                     slots=tuple(slots),
                     counters=dict(r.counters),
                     frontend=r.config.frontend,
+                    pinpad=pad is not None,
                 )
             )
         counters: dict[str, int] = {}
@@ -376,6 +425,49 @@ class App:
         self._check_slot(r, slot)
         self._remove(r, slot)
         self.poke()
+
+    def pinpad(
+        self, reader: str, slot: int, entries: Sequence[str], cancel: bool
+    ) -> Mapping[str, Any]:
+        r = self._find(reader)
+        self._check_slot(r, slot)
+        pad = r.pinpad
+        if pad is None:
+            raise ControlError(f"reader {r.config.name} has no PIN pad (pinpad = true)")
+        now = self._clock()
+        try:
+            report = pad.enter(slot, entries, now, cancel=cancel)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        self.poke()
+        if not report.waiting:
+            return {"waiting": False}
+        assert report.state is not None
+        # Not how many digits: the log would tell the PIN's length.
+        log.info(
+            "reader %s slot %d: keys typed on the PIN pad%s: %s",
+            r.config.name,
+            slot,
+            ", then Cancel" if cancel else "",
+            report.state.name.lower(),
+        )
+        result: dict[str, Any] = {
+            "waiting": True,
+            "accepted": report.accepted,
+            "ignored": report.ignored,
+            "state": report.state.name.lower(),
+        }
+        prompt = _prompt(report.prompt, now)
+        if prompt is not None:
+            result["next"] = asdict(prompt)
+        return result
+
+    def _clock(self) -> float:
+        """The time the USB/IP shell gives the readers (its event loop's clock)."""
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:  # not on the loop (App.check, tests): the same clock
+            return time.monotonic()
 
     def reload(self) -> Mapping[str, Any]:
         """Re-read the configuration file and the cards; swap the cards that changed.
@@ -472,6 +564,23 @@ class App:
         if self._control is not None:
             lines.append(f"control socket: {self._control.path}")
         return lines
+
+
+def _prompt(prompt: Prompt | None, now: float) -> PinPrompt | None:
+    """The control plane's view of a waiting PIN pad (no digits in it, ever)."""
+    if prompt is None:
+        return None
+    return PinPrompt(
+        operation=prompt.operation,
+        stage=prompt.stage.value,
+        entry=prompt.stage_number,
+        entries=prompt.stage_count,
+        typed=prompt.typed,
+        min_digits=prompt.min_digits,
+        max_digits=prompt.max_digits,
+        seconds_left=prompt.seconds_left(now),
+        display=prompt.display,
+    )
 
 
 def _ensure_dir(path: Path) -> None:

@@ -142,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
         "apt-get install pcscd vsmartcard-vpcd). No kernel module, no root",
     )
     serve.add_argument(
+        "--pinpad",
+        action="store_true",
+        help="give the reader(s) a PIN pad: PC_to_RDR_Secure, typed with 'usbccid ctl pinpad'",
+    )
+    serve.add_argument(
+        "--keypad",
+        metavar="DIGITS|card-pin",
+        type=_keypad,
+        help="a PIN pad that types by itself (implies --pinpad): these digits, or the "
+        "card's current PIN (card-pin); for unattended tests",
+    )
+    serve.add_argument(
         "--check",
         action="store_true",
         help="only validate the configuration and load the cards, then exit",
@@ -304,6 +316,37 @@ def build_parser() -> argparse.ArgumentParser:
             help="reader name or bus id, and slot number (default 0)",
         )
     ctl_sub.add_parser("reload", help="re-read the configuration's cards")
+    pad = ctl_sub.add_parser(
+        "pinpad",
+        help="type on a reader's PIN pad (while a PIN entry waits)",
+        description="Type on the PIN pad of a reader while the host waits for a PIN "
+        "(PC_to_RDR_Secure): each --digits is one entry, followed by OK; a PIN change asks "
+        "three (current PIN, new PIN, new PIN again). The digits never reach a log.",
+    )
+    pad.add_argument(
+        "target",
+        metavar="READER[:SLOT]",
+        help="reader name or bus id, and slot number (default 0)",
+    )
+    pad.add_argument(
+        "--digits",
+        action="append",
+        default=[],
+        metavar="DIGITS",
+        help="one entry, then OK (repeatable, up to 3)",
+    )
+    end = pad.add_mutually_exclusive_group()
+    end.add_argument("--ok", action="store_true", help="end each entry with OK (the default)")
+    end.add_argument(
+        "--cancel", action="store_true", help="press Cancel (after the last --digits, if any)"
+    )
+    pad.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the host to ask for a PIN (default 10)",
+    )
     return parser
 
 
@@ -315,6 +358,15 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port {value} is out of range 0-65535")
     return value
+
+
+def _keypad(text: str) -> str:
+    from usbccid.tool.config import keypad_entry
+
+    try:
+        return keypad_entry(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _network(text: str) -> object:
@@ -390,6 +442,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ("--port", args.port),
             ("--allow", args.allow),
             ("--pcap", args.pcap),
+            ("--pinpad", args.pinpad or None),  # a CCID feature: vpcd carries APDUs only
+            ("--keypad", args.keypad),
         ):
             if value is not None:
                 raise UsageError(f"{option} is for the USB/IP server, which --vpcd does not start")
@@ -417,6 +471,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         trace=args.trace or None,
         pcap=args.pcap,
+        pinpad=args.pinpad,
+        keypad=args.keypad,
     )
     if config.trace:
         logging.getLogger("usbccid.tool.trace").setLevel(logging.INFO)
@@ -674,8 +730,10 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         path = next((p for p in candidates if p.exists()), candidates[0])
     command = args.ctl_command
     reader = slot = None
-    if command in ("insert", "remove"):
+    if command in ("insert", "remove", "pinpad"):
         reader, slot = parse_target(args.target)
+    if command == "pinpad":
+        return _ctl_pinpad(args, path, reader, slot)
     reply = request(path, encode_request(command, reader, slot), timeout=args.timeout)
     result = decode_reply(reply)
     if args.json:
@@ -687,6 +745,48 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     else:
         verb = "inserted into" if command == "insert" else "removed from"
         _out(f"card {verb} {reader} slot {slot}")
+    return 0
+
+
+def _ctl_pinpad(args: argparse.Namespace, path: Path, reader: str | None, slot: int | None) -> int:
+    """``ctl pinpad``: type when the reader asks, waiting up to ``--wait`` seconds for it."""
+    import time
+
+    from usbccid.tool.control import MAX_ENTRIES, ControlError, decode_reply, encode_request
+    from usbccid.tool.control_server import request
+
+    entries = list(args.digits)
+    if len(entries) > MAX_ENTRIES:
+        raise UsageError(f"at most {MAX_ENTRIES} --digits (current, new, new again)")
+    for digits in entries:
+        if not (digits.isascii() and digits.isdigit()):
+            raise UsageError("--digits takes the digits 0-9 only")
+    if not entries and not args.cancel:
+        raise UsageError("give --digits DIGITS (then OK), or --cancel")
+    payload = encode_request("pinpad", reader, slot, entries=entries, cancel=args.cancel)
+    deadline = time.monotonic() + max(0.0, args.wait)
+    while True:
+        result = decode_reply(request(path, payload, timeout=args.timeout))
+        if not isinstance(result, dict):
+            raise ControlError("the server's reply is malformed")
+        if result.get("waiting") or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if args.json:
+        _out(json.dumps(result, indent=2, sort_keys=True))
+        return 0 if result.get("waiting") else EXIT_ERROR
+    if not result.get("waiting"):
+        raise ControlError(
+            f"reader {reader} slot {slot}: no PIN entry waiting (waited {args.wait:g} s)"
+        )
+    ignored = result.get("ignored", 0)
+    note = f" ({ignored} key{'s' * (ignored != 1)} ignored)" if ignored else ""
+    typed = f"{result.get('accepted', 0)} digits typed{note}"
+    _out(f"{reader} slot {slot}: {typed}: {result.get('state')}")
+    nxt = result.get("next")
+    if isinstance(nxt, dict):
+        stage, entry, count = nxt.get("stage"), nxt.get("entry"), nxt.get("entries")
+        _out(f"  now waiting for the {stage} (entry {entry} of {count})")
     return 0
 
 

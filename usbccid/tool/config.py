@@ -27,6 +27,11 @@ The file looks like ``examples/usbccid.toml``::
     pin = "123456"
     unblock_code = "12345678"
     tries = 3
+
+    [[reader]]
+    name = "pad"
+    pinpad = true                 # or { timeout = 30, display = "2x16" | "none" }
+    keypad = { enter = "card-pin" }   # types by itself: the card's PIN, or "DIGITS"
 """
 
 from __future__ import annotations
@@ -84,6 +89,32 @@ class IdentityConfig:
     bcd_device: int | None = None
 
 
+#: ``keypad = { enter = "card-pin" }``: type the PIN the card has now.
+CARD_PIN: Final = "card-pin"
+MAX_KEYPAD_DIGITS: Final = 32
+
+
+@dataclass(frozen=True)
+class PinpadConfig:
+    """A PIN pad on the reader (``pinpad = true`` or a table)."""
+
+    timeout: float = 30.0  # seconds an entry waits when the host's bTimeOut is 00h
+    display: tuple[int, int] | None = (2, 16)  # (lines, columns) of the LCD, or none
+
+
+@dataclass(frozen=True)
+class KeypadConfig:
+    """Who types on the PIN pad when nobody does: ``keypad = { enter = ..., new = ... }``.
+
+    ``enter``: digits, or :data:`CARD_PIN` (the card's current PIN) -- every entry of a
+    verification, the current PIN of a change; ``new``: the new PIN of a change (and its
+    confirmation), default ``enter``.
+    """
+
+    enter: str
+    new: str | None = None
+
+
 @dataclass(frozen=True)
 class VpcdConfig:
     """Where a ``frontend = "vpcd"`` reader finds vpcd: slot N connects to ``port + N``."""
@@ -122,6 +153,8 @@ class ReaderConfig:
     frontend: str = "usbip"  # how hosts reach it: a name of FRONTENDS
     vpcd: VpcdConfig | None = None  # frontend "vpcd" only
     vscard: VscardConfig | None = None  # frontend "vscard" only
+    pinpad: PinpadConfig | None = None
+    keypad: KeypadConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -185,8 +218,21 @@ def vscard_config(endpoint: str) -> Config:
 
 _TOP_KEYS = ("server", "reader", "state_dir", "trace", "pcap", "log_level")
 _SERVER_KEYS = ("host", "port", "allow")
-_READER_KEYS = ("name", "frontend", "bus_id", "identity", "vpcd", "vscard", "slot")
+_READER_KEYS = (
+    "name",
+    "frontend",
+    "bus_id",
+    "identity",
+    "vpcd",
+    "vscard",
+    "slot",
+    "pinpad",
+    "keypad",
+)
 _VPCD_KEYS = ("host", "port")
+_PINPAD_KEYS = ("timeout", "display")
+_KEYPAD_KEYS = ("enter", "new")
+_DISPLAY = re.compile(r"^([0-9]{1,3})x([0-9]{1,3})$")
 _IDENTITY_KEYS = (
     "preset",
     "vendor_id",
@@ -372,6 +418,18 @@ def _reader(
         vscard = _vscard(ck, t["vscard"], (*path, "vscard"))
     elif "vscard" in t:
         raise ck.fail((*path, "vscard"), 'only for a reader with frontend = "vscard"')
+    pinpad = _pinpad(ck, t.get("pinpad"), (*path, "pinpad"))
+    keypad = _keypad(ck, t.get("keypad"), (*path, "keypad"))
+    if keypad is not None and pinpad is None:
+        raise ck.fail((*path, "keypad"), "a keypad policy needs a PIN pad (pinpad = true)")
+    if pinpad is not None and frontend == "vpcd":
+        raise ck.fail(
+            (*path, "pinpad"), "a vpcd reader has no PIN pad (vpcd carries APDUs, not CCID)"
+        )
+    if pinpad is not None and frontend == "vscard":
+        raise ck.fail(
+            (*path, "pinpad"), "a vscard reader has no PIN pad (its USB device is QEMU's usb-ccid)"
+        )
     return ReaderConfig(
         name=name,
         bus_id=bus_id,
@@ -381,6 +439,8 @@ def _reader(
         frontend=frontend,
         vpcd=vpcd,
         vscard=vscard,
+        pinpad=pinpad,
+        keypad=keypad,
     )
 
 
@@ -437,6 +497,60 @@ def parse_vscard_endpoint(
     if not low <= port <= 65535:
         raise ValueError(f"port {port} is out of range {low}-65535")
     return VscardConfig(mode=mode, host=host, port=port)
+
+
+def _pinpad(ck: Checker, raw: object, path: KeyPath) -> PinpadConfig | None:
+    """``pinpad = true | false | { timeout = SECONDS, display = "LxC" | "none" }``."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return PinpadConfig()
+    if not isinstance(raw, dict):
+        raise ck.fail(path, f"expected true, false or a table, got {type_name(raw)}")
+    t = ck.table(raw, path, _PINPAD_KEYS)
+    timeout = ck.get(t, path, "timeout", (int, float), 30.0)
+    if not 1 <= timeout <= 3600:
+        raise ck.fail((*path, "timeout"), "seconds, 1 to 3600")
+    display_raw = ck.get(t, path, "display", str, "2x16")
+    display: tuple[int, int] | None = None
+    if display_raw != "none":
+        m = _DISPLAY.match(display_raw)
+        if m is None or not (1 <= int(m.group(1)) <= 255 and 1 <= int(m.group(2)) <= 255):
+            raise ck.fail(
+                (*path, "display"), f'{display_raw!r}: "LINESxCOLUMNS" (e.g. "2x16") or "none"'
+            )
+        display = (int(m.group(1)), int(m.group(2)))
+    return PinpadConfig(timeout=float(timeout), display=display)
+
+
+def keypad_entry(value: str) -> str:
+    """A keypad policy's entry: :data:`CARD_PIN` or 1 to 32 digits.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value == CARD_PIN or (value.isascii() and value.isdigit() and len(value) <= 32):
+        return value
+    raise ValueError(f'{value!r}: "{CARD_PIN}" or 1 to {MAX_KEYPAD_DIGITS} digits')
+
+
+def _keypad(ck: Checker, raw: object, path: KeyPath) -> KeypadConfig | None:
+    if raw is None:
+        return None
+    t = ck.table(raw, path, _KEYPAD_KEYS)
+    values: dict[str, str | None] = {}
+    for key in _KEYPAD_KEYS:
+        value = ck.get(t, path, key, str)
+        if value is not None:
+            try:
+                keypad_entry(value)
+            except ValueError as exc:
+                raise ck.fail((*path, key), str(exc)) from None
+        values[key] = value
+    enter = values["enter"]
+    if enter is None:
+        raise ck.fail(path, "missing key 'enter' (the digits to type, or \"card-pin\")")
+    return KeypadConfig(enter=enter, new=values["new"])
 
 
 def _identity(
@@ -581,9 +695,31 @@ def with_overrides(
     state_dir: Path | None = None,
     trace: bool | None = None,
     pcap: Path | None = None,
+    pinpad: bool = False,
+    keypad: str | None = None,
 ) -> Config:
-    """``config`` with the command line's options applied over it."""
+    """``config`` with the command line's options applied over it.
+
+    ``pinpad`` gives every USB/IP reader that has none a PIN pad; ``keypad`` (digits or
+    :data:`CARD_PIN`) gives every USB/IP reader a PIN pad and that keypad policy (a vpcd
+    reader has no PC_to_RDR_Secure: they stay as they are).
+    """
     from dataclasses import replace
+
+    if pinpad or keypad is not None:
+        config = replace(
+            config,
+            readers=tuple(
+                replace(
+                    r,
+                    pinpad=r.pinpad or PinpadConfig(),
+                    keypad=KeypadConfig(enter=keypad) if keypad is not None else r.keypad,
+                )
+                if r.frontend == "usbip"
+                else r
+                for r in config.readers
+            ),
+        )
 
     server = replace(
         config.server,

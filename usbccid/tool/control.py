@@ -7,6 +7,8 @@ object, a request::
     {"command": "insert", "reader": "desk", "slot": 0}
     {"command": "remove", "reader": "1-1"}              # slot defaults to 0
     {"command": "reload"}
+    {"command": "pinpad", "reader": "desk", "slot": 0, "entries": ["12345678"]}
+    {"command": "pinpad", "reader": "desk", "entries": [], "cancel": true}
 
 and the server answers each with one reply datagram::
 
@@ -29,11 +31,35 @@ from usbccid.errors import UsbccidError
 
 MAX_DATAGRAM: Final = 65536
 SOCKET_NAME: Final = "control.sock"
-COMMANDS: Final = ("status", "insert", "remove", "reload")
+COMMANDS: Final = ("status", "insert", "remove", "reload", "pinpad")
+#: Fields of each command besides "command".
+_FIELDS: Final = {
+    "status": frozenset(),
+    "reload": frozenset(),
+    "insert": frozenset({"reader", "slot"}),
+    "remove": frozenset({"reader", "slot"}),
+    "pinpad": frozenset({"reader", "slot", "entries", "cancel"}),
+}
+MAX_ENTRIES: Final = 3  # a PIN change: current PIN, new PIN, new PIN again
 
 
 class ControlError(UsbccidError):
     """A request failed; the message is the reply's ``error`` (one line, for a human)."""
+
+
+@dataclass(frozen=True)
+class PinPrompt:
+    """A PIN pad waiting for the keypad (never any digit)."""
+
+    operation: str  # "verify" or "modify"
+    stage: str  # "current PIN", "new PIN", "new PIN again"
+    entry: int  # 1-based
+    entries: int
+    typed: int  # digits typed so far
+    min_digits: int
+    max_digits: int
+    seconds_left: float | None
+    display: tuple[str, str] | None = None  # the LCD's lines
 
 
 @dataclass(frozen=True)
@@ -42,6 +68,7 @@ class SlotStatus:
     state: str  # "empty", "present" (card inserted, not powered) or "active" (powered)
     card: str | None = None  # what card is (or would be) in it, for a human
     detail: str | None = None  # the front end's word on it (vpcd: connected, or why not)
+    pinpad: PinPrompt | None = None  # the reader's PIN pad waits for this slot's PIN
 
 
 @dataclass(frozen=True)
@@ -55,6 +82,7 @@ class ReaderStatus:
     slots: tuple[SlotStatus, ...]
     counters: Mapping[str, int] = field(default_factory=dict)
     frontend: str = "usbip"
+    pinpad: bool = False  # the reader has a PIN pad
 
 
 @dataclass(frozen=True)
@@ -96,6 +124,18 @@ class ServerState(Protocol):
         """
         ...
 
+    def pinpad(
+        self, reader: str, slot: int, entries: Sequence[str], cancel: bool
+    ) -> Mapping[str, Any]:
+        """Type ``entries`` on the reader's PIN pad, each followed by OK (with ``cancel``,
+        Cancel instead of the last OK); a JSON-able report, ``{"waiting": false}`` when no
+        PIN entry waits for that slot.
+
+        Raises:
+            ControlError: no such reader or slot, or the reader has no PIN pad.
+        """
+        ...
+
 
 # --------------------------------------------------------------------------- server side
 
@@ -127,7 +167,7 @@ def _parse_request(data: bytes) -> Mapping[str, Any]:
     command = request.get("command")
     if command not in COMMANDS:
         raise ControlError(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
-    allowed = {"command"} | ({"reader", "slot"} if command in ("insert", "remove") else set())
+    allowed = {"command"} | _FIELDS[command]
     unknown = sorted(set(request) - allowed)
     if unknown:
         raise ControlError(f"unexpected field {unknown[0]!r} in {command} request")
@@ -146,11 +186,31 @@ def _dispatch(request: Mapping[str, Any], state: ServerState) -> Any:
     slot = request.get("slot", 0)
     if not isinstance(slot, int) or isinstance(slot, bool) or slot < 0:
         raise ControlError(f"slot must be a non-negative integer, got {slot!r}")
+    if command == "pinpad":
+        entries = request.get("entries", [])
+        if (
+            not isinstance(entries, list)
+            or len(entries) > MAX_ENTRIES
+            or not all(isinstance(e, str) and _digits_only(e) for e in entries)
+        ):
+            raise ControlError(
+                f"entries must be a list of at most {MAX_ENTRIES} strings of digits 0-9"
+            )
+        cancel = request.get("cancel", False)
+        if not isinstance(cancel, bool):
+            raise ControlError("cancel must be true or false")
+        if not entries and not cancel:
+            raise ControlError("pinpad needs entries to type, or cancel")
+        return {"reader": reader, "slot": slot, **state.pinpad(reader, slot, entries, cancel)}
     if command == "insert":
         state.insert(reader, slot)
     else:
         state.remove(reader, slot)
     return {"reader": reader, "slot": slot}
+
+
+def _digits_only(text: str) -> bool:
+    return len(text) <= 255 and all("0" <= c <= "9" for c in text)
 
 
 def status_to_json(status: ServerStatus) -> dict[str, Any]:
@@ -173,9 +233,10 @@ def status_from_json(obj: Mapping[str, Any]) -> ServerStatus:
                 product_id=r["product_id"],
                 product=r["product"],
                 client=r["client"],
-                slots=tuple(SlotStatus(**s) for s in r["slots"]),
+                slots=tuple(_slot_from_json(s) for s in r["slots"]),
                 counters=dict(r.get("counters", {})),
                 frontend=r.get("frontend", "usbip"),
+                pinpad=bool(r.get("pinpad", False)),
             )
             for r in obj["readers"]
         )
@@ -191,10 +252,31 @@ def status_from_json(obj: Mapping[str, Any]) -> ServerStatus:
         raise ControlError(f"malformed status reply ({exc})") from None
 
 
+def _slot_from_json(s: Mapping[str, Any]) -> SlotStatus:
+    prompt = s.get("pinpad")
+    if prompt is not None:
+        display = prompt.get("display")
+        prompt = PinPrompt(**{**prompt, "display": tuple(display) if display else None})
+    return SlotStatus(
+        index=s["index"],
+        state=s["state"],
+        card=s.get("card"),
+        detail=s.get("detail"),
+        pinpad=prompt,
+    )
+
+
 # --------------------------------------------------------------------------- client side
 
 
-def encode_request(command: str, reader: str | None = None, slot: int | None = None) -> bytes:
+def encode_request(
+    command: str,
+    reader: str | None = None,
+    slot: int | None = None,
+    *,
+    entries: Sequence[str] | None = None,
+    cancel: bool = False,
+) -> bytes:
     if command not in COMMANDS:
         raise ControlError(f"unknown command {command!r}")
     request: dict[str, Any] = {"command": command}
@@ -202,6 +284,10 @@ def encode_request(command: str, reader: str | None = None, slot: int | None = N
         request["reader"] = reader
     if slot is not None:
         request["slot"] = slot
+    if entries is not None:
+        request["entries"] = list(entries)
+    if cancel:
+        request["cancel"] = True
     return json.dumps(request).encode()
 
 
@@ -254,14 +340,30 @@ def format_status(status: ServerStatus) -> str:
                 f"reader {r.name}  bus id {r.bus_id}  {r.vendor_id:04x}:{r.product_id:04x} "
                 f"{r.product}  ({client})"
             )
+        if r.pinpad:
+            lines.append("  PIN pad")
         for s in r.slots:
             card = f"  {s.card}" if s.card else ""
             detail = f"  ({s.detail})" if s.detail else ""
             lines.append(f"  slot {s.index}: {s.state}{card}{detail}")
+            if s.pinpad is not None:
+                lines.append(f"    {format_prompt(s.pinpad)}")
         if r.counters:
             counters = ", ".join(f"{k} {v}" for k, v in sorted(r.counters.items()))
             lines.append(f"  counters: {counters}")
     return "\n".join(lines)
+
+
+def format_prompt(p: PinPrompt) -> str:
+    """``waiting for the current PIN (verify, entry 1 of 1): 0 digits typed, 4-8, 28 s left``"""
+    left = f", {p.seconds_left:.0f} s left" if p.seconds_left is not None else ""
+    text = (
+        f"PIN pad waiting for the {p.stage} ({p.operation}, entry {p.entry} of {p.entries}): "
+        f"{p.typed} digit{'s' * (p.typed != 1)} typed, {p.min_digits}-{p.max_digits}{left}"
+    )
+    if p.display is not None and any(p.display):
+        text += f"; display {p.display[0]!r} {p.display[1]!r}"
+    return text
 
 
 def _duration(seconds: float) -> str:

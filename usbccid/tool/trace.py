@@ -13,6 +13,11 @@ What is never logged (:class:`Redactor`):
 
 * the data of VERIFY (INS 20), CHANGE REFERENCE DATA (24) and RESET RETRY COUNTER (2C):
   PINs and unblock codes;
+* all the data of an APDU the reader's PIN pad built (PC_to_RDR_Secure: the digits typed
+  on the keypad went into its template), whatever its instruction
+  (:meth:`TracingCard.transmit_keyed`)::
+
+      desk/0 > 00 20 00 00 08 [8 bytes keyed on the PIN pad, redacted]
 * the data of the key operations, in both directions: the CAC/GSC-IS private key
   operation (INS 42, "SIGN/DECRYPT"), GENERAL AUTHENTICATE (87), PERFORM SECURITY
   OPERATION (2A) and INTERNAL AUTHENTICATE (88) -- plaintexts, signatures, decrypted
@@ -27,7 +32,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Final
 
-from usbccid.card import Card
+from usbccid.card import Card, transmit_keyed
 
 log = logging.getLogger("usbccid.tool.trace")
 
@@ -40,8 +45,8 @@ def hexdump(data: bytes) -> str:
     return data.hex(" ")
 
 
-def _redacted(n: int) -> str:
-    return f"[{n} byte{'s' if n != 1 else ''} redacted]"
+def _redacted(n: int, how: str = "") -> str:
+    return f"[{n} byte{'s' if n != 1 else ''}{how} redacted]"
 
 
 @dataclass
@@ -53,35 +58,59 @@ class Redactor:
 
     _secret_response: bool = field(default=False, init=False)
     _last_ins: int | None = field(default=None, init=False)
+    _keyed: bool = field(default=False, init=False)
 
     def command(self, apdu: bytes) -> str:
         if len(apdu) < 4:
             self._last_ins = None
+            self._keyed = False
             return f"{hexdump(apdu)} (malformed: {len(apdu)} bytes)"
         ins = apdu[1]
         self._last_ins = ins
+        self._keyed = False
         if ins not in PIN_INSTRUCTIONS | KEY_INSTRUCTIONS:
             return hexdump(apdu)
-        header, body = apdu[:4], apdu[4:]
-        lc_bytes, data, le_bytes = _split_body(body)
-        parts = [hexdump(header)]
-        if lc_bytes:
-            parts.append(hexdump(lc_bytes))
-        if data:
-            parts.append(_redacted(len(data)))
-        if le_bytes:
-            parts.append(hexdump(le_bytes))
-        return " ".join(parts)
+        return _without_data(apdu, "")
+
+    def keyed_command(self, apdu: bytes) -> str:
+        """A command the reader's PIN pad built: its data holds digits typed on the
+        keypad, so all of it is redacted whatever the instruction (and the data of the
+        response too: a card could echo it)."""
+        how = " keyed on the PIN pad,"
+        self._keyed = True
+        if len(apdu) < 4:
+            self._last_ins = None
+            return _redacted(len(apdu), how)
+        self._last_ins = apdu[1]
+        return _without_data(apdu, how)
 
     def response(self, rapdu: bytes) -> str:
         ins = self._last_ins
-        secret = ins in KEY_INSTRUCTIONS or (ins == GET_RESPONSE and self._secret_response)
+        secret = (
+            self._keyed
+            or ins in KEY_INSTRUCTIONS
+            or (ins == GET_RESPONSE and self._secret_response)
+        )
+        self._keyed = False
         sw = rapdu[-2:] if len(rapdu) >= 2 else b""
         # 61 xx after a key operation: the rest of its response follows in GET RESPONSE
         self._secret_response = secret and sw[:1] == b"\x61"
         if not secret or len(rapdu) <= 2:
             return hexdump(rapdu)
         return f"{_redacted(len(rapdu) - 2)} {hexdump(sw)}"
+
+
+def _without_data(apdu: bytes, how: str) -> str:
+    header, body = apdu[:4], apdu[4:]
+    lc_bytes, data, le_bytes = _split_body(body)
+    parts = [hexdump(header)]
+    if lc_bytes:
+        parts.append(hexdump(lc_bytes))
+    if data:
+        parts.append(_redacted(len(data), how))
+    if le_bytes:
+        parts.append(hexdump(le_bytes))
+    return " ".join(parts)
 
 
 def _split_body(body: bytes) -> tuple[bytes, bytes, bytes]:
@@ -137,6 +166,13 @@ class TracingCard:
         self._log.info("%s < %s", self.name, self._redactor.response(response))
         return response
 
+    def transmit_keyed(self, command: bytes) -> bytes:
+        """An APDU holding PIN digits from the reader's keypad (PC_to_RDR_Secure)."""
+        self._log.info("%s > %s", self.name, self._redactor.keyed_command(command))
+        response = transmit_keyed(self.card, command)
+        self._log.info("%s < %s", self.name, self._redactor.response(response))
+        return response
+
     def __getattr__(self, name: str) -> object:
         # Everything else (e.g. the CAC card's own attributes) is the wrapped card's.
         return getattr(self.card, name)
@@ -163,3 +199,8 @@ class CountingCard:
     def transmit(self, command: bytes) -> bytes:
         self.counters["apdus"] = self.counters.get("apdus", 0) + 1
         return self.card.transmit(command)
+
+    def transmit_keyed(self, command: bytes) -> bytes:
+        self.counters["apdus"] = self.counters.get("apdus", 0) + 1
+        self.counters["pinpad_entries"] = self.counters.get("pinpad_entries", 0) + 1
+        return transmit_keyed(self.card, command)

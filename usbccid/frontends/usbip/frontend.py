@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from usbccid.card import Card
+from usbccid.ccid.descriptor import ReaderConfig as CcidConfig
 from usbccid.ccid.identity import DEFAULT_PRESET, make_identity
+from usbccid.ccid.pinpad import PinPad, PinPadConfig
 from usbccid.ccid.reader import CcidReader
 from usbccid.ccid.slot import SlotState
 from usbccid.frontends.base import FrontendError
@@ -105,6 +107,22 @@ class UsbipReader:
     def slot_detail(self, slot: int) -> str | None:
         return None
 
+    @property
+    def pinpad(self) -> PinPad | None:
+        """The reader's PIN pad (its keypad), if it has one."""
+        return self.reader.pinpad
+
+
+def ccid_config(config: cfg.ReaderConfig) -> CcidConfig:
+    """The CCID layer's view of a configured reader: its PIN pad, if any."""
+    pad = config.pinpad
+    if pad is None:
+        return CcidConfig()
+    lines, columns = pad.display if pad.display is not None else (0, 0)
+    return CcidConfig(
+        pinpad=PinPadConfig(default_timeout=pad.timeout, lcd_lines=lines, lcd_columns=columns)
+    )
+
 
 class UsbipFrontend:
     """Every ``frontend = "usbip"`` reader, on one USB/IP server (``[server]``)."""
@@ -126,6 +144,7 @@ class UsbipFrontend:
         reader = CcidReader(
             len(config.slots),
             identity=reader_identity(config, self.state_dir),
+            config=ccid_config(config),
             interface_name=f"usbccid {config.name}",
         )
         exported = UsbipReader(self.exporter, reader, self.make_device(reader.identity, reader))
