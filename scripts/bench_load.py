@@ -20,8 +20,10 @@ Printed per N: aggregate exchanges/s, p50/p99 latency (write of the pair to the 
 of the DataBlock), the server's CPU time per exchange (utime + stime of its
 ``/proc/PID/stat`` over the measured window, kernel TCP work included), the client's,
 the server's RSS (after listening, under load, and per reader against the 1-reader run),
-start time, errors (a wrong status, sequence, SW or a lost connection), and the slowest
-importer's rate against the median importer's (1.00 = perfectly fair).
+start time (wall, and the server's CPU time until then: on a busy machine the wall time
+waits for other processes, the CPU time does not), errors (a wrong status, sequence, SW
+or a lost connection), and the slowest importer's rate against the median importer's
+(1.00 = perfectly fair).
 
 ``--source DIR`` runs the server from another checkout (``PYTHONPATH=DIR``), e.g. a
 worktree of main, to compare before and after with the same client.
@@ -66,11 +68,15 @@ class BenchError(Exception):
     pass
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (proc(5): fields 14 and 15, in clock ticks)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """utime and stime of ``pid`` in seconds (proc(5): fields 14 and 15, in clock ticks)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
 
 
 def rss_bytes(pid: int) -> int:
@@ -253,14 +259,16 @@ async def run_clients(
     for p in protocols:
         p.next_exchange()
     await asyncio.sleep(warmup)
-    server_cpu0, client0, t0 = cpu_seconds(server_pid), os.times(), time.perf_counter()
+    server_cpu0, client0, t0 = cpu_times(server_pid), os.times(), time.perf_counter()
     for imp in importers:
         imp.measuring = True
     await asyncio.sleep(seconds)
     for imp in importers:
         imp.measuring = False
     elapsed = time.perf_counter() - t0
-    server_cpu = cpu_seconds(server_pid) - server_cpu0
+    user1, sys1 = cpu_times(server_pid)
+    server_user, server_sys = user1 - server_cpu0[0], sys1 - server_cpu0[1]
+    server_cpu = server_user + server_sys
     client1 = os.times()
     client_cpu = (client1.user - client0.user) + (client1.system - client0.system)
     rss = rss_bytes(server_pid)
@@ -283,6 +291,8 @@ async def run_clients(
         "p50_ms": pct(0.50) * 1e3,
         "p99_ms": pct(0.99) * 1e3,
         "server_cpu_us": server_cpu / total * 1e6 if total else float("inf"),
+        "server_user_us": server_user / total * 1e6 if total else float("inf"),
+        "server_sys_us": server_sys / total * 1e6 if total else float("inf"),
         "client_cpu_us": client_cpu / total * 1e6 if total else float("inf"),
         "rss_load": rss,
         "errors": sum(i.errors for i in importers),
@@ -301,6 +311,8 @@ def write_config(path: Path, readers: int) -> None:
 
 def server_env(source: Path | None) -> dict[str, str]:
     env = dict(os.environ)
+    # As installed by pip, which compiles the bytecode: the untimed --check run writes it.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if source is not None:
         env["PYTHONPATH"] = str(source)
     return env
@@ -308,8 +320,9 @@ def server_env(source: Path | None) -> dict[str, str]:
 
 def start_server(
     config: Path, state: Path, source: Path | None
-) -> tuple[subprocess.Popen[str], float, int]:
-    """The running server, its start time (exec -> first banner line) and its port."""
+) -> tuple[subprocess.Popen[str], float, float, int]:
+    """The running server, its start time (exec -> first banner line), the CPU time it
+    took to get there (the same on a busy machine) and its port."""
     command = [sys.executable, "-m", "usbccid", "serve", "-q", "--port", "0"]
     command += ["--config", str(config), "--state-dir", str(state)]
     t0 = time.perf_counter()
@@ -319,6 +332,7 @@ def start_server(
     assert proc.stdout is not None
     first = proc.stdout.readline()
     started = time.perf_counter() - t0
+    start_cpu = cpu_seconds(proc.pid)
     if "listening on" not in first:
         proc.kill()
         raise BenchError(f"the server did not start: {first!r}")
@@ -327,13 +341,13 @@ def start_server(
     import threading
 
     threading.Thread(target=proc.stdout.read, daemon=True).start()
-    return proc, started, port
+    return proc, started, start_cpu, port
 
 
 def bench(readers: int, args: argparse.Namespace, state: Path) -> dict[str, Any]:
     config = state / f"readers-{readers}.toml"
     write_config(config, readers)
-    proc, started, port = start_server(config, state, args.source)
+    proc, started, start_cpu, port = start_server(config, state, args.source)
     try:
         rss_listen = rss_bytes(proc.pid)
         busids = [f"1-{n + 1}" for n in range(readers)]
@@ -347,7 +361,7 @@ def bench(readers: int, args: argparse.Namespace, state: Path) -> dict[str, Any]
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    result.update(readers=readers, start_s=started, rss_listen=rss_listen)
+    result.update(readers=readers, start_s=started, start_cpu_s=start_cpu, rss_listen=rss_listen)
     return result
 
 
@@ -387,8 +401,9 @@ def main() -> None:
 
     base_rss = next((r["rss_load"] for r in results if r["readers"] == 1), None)
     head = (
-        f"{'readers':>7} {'exch/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'srv us':>7} "
-        f"{'cli us':>7} {'start s':>7} {'RSS MiB':>7} {'KiB/rdr':>7} {'errors':>6} {'slow/med':>8}"
+        f"{'readers':>7} {'exch/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'srv us':>7} {'(sys)':>6} "
+        f"{'cli us':>7} {'start s':>7} {'cpu s':>6} {'RSS MiB':>7} {'KiB/rdr':>7} {'errors':>6} "
+        f"{'slow/med':>8}"
     )
     print(head)
     for r in results:
@@ -397,8 +412,10 @@ def main() -> None:
             per_reader = f"{(r['rss_load'] - base_rss) / (r['readers'] - 1) / 1024:.0f}"
         print(
             f"{r['readers']:>7} {r['exchanges_per_s']:>8.0f} {r['p50_ms']:>7.2f} "
-            f"{r['p99_ms']:>7.2f} {r['server_cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f} "
-            f"{r['start_s']:>7.2f} {r['rss_load'] / 2**20:>7.1f} {per_reader:>7} "
+            f"{r['p99_ms']:>7.2f} {r['server_cpu_us']:>7.0f} {r['server_sys_us']:>6.0f} "
+            f"{r['client_cpu_us']:>7.0f} "
+            f"{r['start_s']:>7.2f} {r['start_cpu_s']:>6.2f} {r['rss_load'] / 2**20:>7.1f} "
+            f"{per_reader:>7} "
             f"{r['errors']:>6} {r['slowest_vs_median']:>8.2f}"
         )
     if args.json is not None:

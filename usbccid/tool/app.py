@@ -16,6 +16,7 @@ own the event loop; ``usbccid.testing`` runs it inside a test process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -119,8 +120,9 @@ class App:
                 self.config.pcap,
             )
         readers: list[_Reader] = []
+        loaded: dict[object, LoadedCard | None] = {}
         for rc in self.config.readers:
-            slots = [_Slot(sc, self._load(sc.card, rc.origin)) for sc in rc.slots]
+            slots = [_Slot(sc, self._load(sc.card, loaded)) for sc in rc.slots]
             try:
                 reader = self.usbip.add_reader(rc)
             except FrontendError as exc:
@@ -141,13 +143,22 @@ class App:
             device.capture = UsbipCapture(self._pcap, types, devnum)
         return device
 
-    def _load(self, card: CardSourceConfig | None, origin: str) -> LoadedCard | None:
+    def _load(
+        self, card: CardSourceConfig | None, loaded: dict[object, LoadedCard | None]
+    ) -> LoadedCard | None:
+        """The slot's card, loaded once per pass (``loaded``) however many slots name it:
+        loading reads and checks keys, and the slots share the card's PIN state anyway."""
         if card is None:
             return None
+        key = _card_key(card)
+        if key in loaded:
+            return loaded[key]
         try:
-            return load_card(card, self.state_dir, self._now())
+            result = load_card(card, self.state_dir, self._now())
         except StateError as exc:
             raise AppError(str(exc)) from None
+        loaded[key] = result
+        return result
 
     def _card(self, r: _Reader, index: int, loaded: LoadedCard) -> Card:
         card: Card = CountingCard(loaded.new_card(), r.counters)
@@ -285,6 +296,7 @@ class App:
         by_name = {rc.name: rc for rc in new.readers}
         if [rc.name for rc in new.readers] != [r.config.name for r in self.readers]:
             restart.append("the set of readers changed")
+        loaded: dict[object, LoadedCard | None] = {}
         for r in self.readers:
             rc = by_name.get(r.config.name)
             if rc is None:
@@ -294,19 +306,19 @@ class App:
                 continue
             for index, sc in enumerate(rc.slots):
                 try:
-                    loaded = self._load(sc.card, rc.origin)
+                    card = self._load(sc.card, loaded)
                 except UsbccidError as exc:
                     raise ControlError(f"cards not reloaded: {exc}") from None
                 old = r.slots[index]
-                same = (
-                    loaded is not None and old.card is not None and loaded.same_card(old.card)
-                ) or (loaded is None and old.card is None)
+                same = (card is not None and old.card is not None and card.same_card(old.card)) or (
+                    card is None and old.card is None
+                )
                 if same:
                     continue
                 was_in = old.inserted
                 self._remove(r, index)
-                r.slots[index] = _Slot(sc, loaded)
-                if loaded is not None and (was_in or sc.inserted):
+                r.slots[index] = _Slot(sc, card)
+                if card is not None and (was_in or sc.inserted):
                     self._insert(r, index)
                 changed.append(f"{r.config.name}:{index}")
         self.poke()
@@ -342,6 +354,20 @@ class App:
         if self._control is not None:
             lines.append(f"control socket: {self._control.path}")
         return lines
+
+
+def _card_key(card: object) -> object:
+    """A slot's card configuration without where it was written (``origin``), hashable:
+    slots that name the same card get the same key."""
+    if dataclasses.is_dataclass(card) and not isinstance(card, type):
+        fields = dataclasses.fields(card)
+        return (
+            type(card),
+            *(_card_key(getattr(card, f.name)) for f in fields if f.name != "origin"),
+        )
+    if isinstance(card, tuple):
+        return tuple(_card_key(item) for item in card)
+    return card
 
 
 def _ensure_dir(path: Path) -> None:

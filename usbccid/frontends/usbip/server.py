@@ -19,7 +19,7 @@ import socket
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from usbccid.jobs import Job
 from usbccid.usbip.errors import UsbipRemoteError
@@ -63,7 +63,8 @@ class _Peer(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # (a cast, not an isinstance check: uvloop's transports do not derive from asyncio's)
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         server = self.server
         peername = transport.get_extra_info("peername")
