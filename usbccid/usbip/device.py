@@ -155,6 +155,7 @@ class VirtualDevice:
             for address, state in sorted(self._endpoints.items())
             if state.parked is not None
         ]
+        self._parked_queues = [parked for _, parked in self._parked]
 
         # String descriptors (USB 2.0 §9.6.7): index 0 is the LANGID list; empty strings
         # get index 0, which means "no string".
@@ -293,7 +294,7 @@ class VirtualDevice:
 
     @property
     def parked_count(self) -> int:
-        return sum(len(s.parked) for s in self._endpoints.values() if s.parked is not None)
+        return sum(map(len, self._parked_queues))
 
     def parked_seqnums(self, endpoint: int) -> list[int]:
         """Seqnums of the URBs parked on IN ``endpoint`` (its address), oldest first."""
