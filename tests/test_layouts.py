@@ -110,7 +110,7 @@ def test_every_fixed_declaration_a_layout_can_express_is_covered() -> None:
 
 
 @pytest.mark.parametrize(("name", "layout", "declaration", "options"), HOT, ids=[h[0] for h in HOT])
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_hot_layout_reads_and_builds_what_the_declaration_does(
     name: str,
@@ -146,7 +146,7 @@ def test_hot_layout_reads_and_builds_what_the_declaration_does(
 @pytest.mark.parametrize(
     ("name", "declaration", "layout"), EXPRESSIBLE, ids=[n for n, _, _ in EXPRESSIBLE]
 )
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_layout_agrees_with_its_declaration(
     name: str, declaration: Construct[Any, Any], layout: StructLayout, data: st.DataObject
@@ -177,7 +177,7 @@ def test_layout_refuses_what_its_declaration_refuses(
 _u32 = st.integers(0, 2**32 - 1)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     seqnum=_u32,
     direction=st.sampled_from([0, 1, 2, 2**32 - 1]),
@@ -222,7 +222,7 @@ def test_cmd_submit_fast_path_agrees_with_the_declaration(
         assert got.data == (payload[:length] if direction == 0 else b"")
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     seqnum=st.integers(-1, 2**32),
     status=st.integers(-(2**31) - 1, 2**31),
@@ -245,7 +245,7 @@ def test_encode_ret_agrees_with_encode(
     assert got == expected
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     slot=st.integers(0, 255),
     seq=st.integers(0, 255),
