@@ -733,6 +733,8 @@ class CcidReader:
         anyway: it discards replies with a stale bSeq, ccid_usb.c ReadUSB). A reply the
         host has started to read is completed.
         """
+        if not self._out:
+            return  # the common case: the host read everything before its next command
         limit = (len(self._slots) + 1) * self.config.max_message_length
         first_unread = 1 if self._out_offset else 0
         unread = sum(len(o.data) for o in itertools.islice(self._out, first_unread, None))

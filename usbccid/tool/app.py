@@ -135,12 +135,13 @@ class App:
         return readers
 
     def _make_device(self, identity: DeviceIdentity, function: UsbFunction) -> VirtualDevice:
+        if self._pcap is None:
+            return VirtualDevice(identity, function)  # nothing to record: no hook per URB
         device = CapturedDevice(identity, function)
-        if self._pcap is not None:
-            types = {ep.address: int(ep.transfer_type) for ep in function.interface.endpoints}
-            # the exporter numbers devices 1-1, 1-2, ... in the order they are made
-            devnum = len(self.usbip.readers) + 1
-            device.capture = UsbipCapture(self._pcap, types, devnum)
+        types = {ep.address: int(ep.transfer_type) for ep in function.interface.endpoints}
+        # the exporter numbers devices 1-1, 1-2, ... in the order they are made
+        devnum = len(self.usbip.readers) + 1
+        device.capture = UsbipCapture(self._pcap, types, devnum)
         return device
 
     def _load(
