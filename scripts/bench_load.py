@@ -26,7 +26,10 @@ or a lost connection), and the slowest importer's rate against the median import
 (1.00 = perfectly fair).
 
 ``--source DIR`` runs the server from another checkout (``PYTHONPATH=DIR``), e.g. a
-worktree of main, to compare before and after with the same client.
+worktree of main, to compare before and after with the same client. ``--floor`` runs, in
+place of usbccid, a canned-reply server (an asyncio Protocol that answers each exchange
+with fixed bytes, no stack at all): what asyncio and the kernel alone cost per exchange on
+this machine, the floor under the server's figure.
 """
 
 from __future__ import annotations
@@ -318,13 +321,62 @@ def server_env(source: Path | None) -> dict[str, str]:
     return env
 
 
+def serve_floor() -> None:
+    """The canned-reply server of ``--floor``: imports anything, answers every OUT + IN
+    pair with RET_SUBMIT(OUT) and a RET_SUBMIT carrying DataBlock(bSeq, 90 00)."""
+    ret = struct.Struct(">LLLLLlLlll8x")
+
+    class Canned(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self.transport = transport
+            self.buffer = bytearray()
+            self.imported = False
+
+        def data_received(self, data: bytes) -> None:
+            buf = self.buffer
+            buf += data
+            if not self.imported:
+                if len(buf) >= 40:
+                    del buf[:40]
+                    self.imported = True
+                    self.transport.write(bytes(OP_REP_IMPORT_SIZE))
+                return
+            out = []
+            while len(buf) >= 2 * URB_HEADER_SIZE:
+                length = int.from_bytes(buf[24:28], "big")
+                if len(buf) < 2 * URB_HEADER_SIZE + length:
+                    break
+                out_seqnum = int.from_bytes(buf[4:8], "big")
+                ccid_seq = buf[URB_HEADER_SIZE + 6]
+                at = URB_HEADER_SIZE + length
+                in_seqnum = int.from_bytes(buf[at + 4 : at + 8], "big")
+                del buf[: 2 * URB_HEADER_SIZE + length]
+                block = CCID_HEADER.pack(RDR_TO_PC_DATA_BLOCK, 2, 0, ccid_seq, 0, 0) + b"\x90\x00"
+                out.append(ret.pack(RET_SUBMIT, out_seqnum, 0, 0, 0, 0, length, 0, 0, 0))
+                out.append(ret.pack(RET_SUBMIT, in_seqnum, 0, 0, 0, 0, len(block), 0, 0, 0))
+                out.append(block)
+            if out:
+                self.transport.write(b"".join(out))
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Canned, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        print(f"floor: USB/IP server listening on 127.0.0.1:{port}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
 def start_server(
-    config: Path, state: Path, source: Path | None
+    config: Path, state: Path, source: Path | None, floor: bool = False
 ) -> tuple[subprocess.Popen[str], float, float, int]:
     """The running server, its start time (exec -> first banner line), the CPU time it
     took to get there (the same on a busy machine) and its port."""
     command = [sys.executable, "-m", "usbccid", "serve", "-q", "--port", "0"]
     command += ["--config", str(config), "--state-dir", str(state)]
+    if floor:
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve-floor"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, text=True, env=server_env(source), cwd=state
@@ -347,7 +399,7 @@ def start_server(
 def bench(readers: int, args: argparse.Namespace, state: Path) -> dict[str, Any]:
     config = state / f"readers-{readers}.toml"
     write_config(config, readers)
-    proc, started, start_cpu, port = start_server(config, state, args.source)
+    proc, started, start_cpu, port = start_server(config, state, args.source, args.floor)
     try:
         rss_listen = rss_bytes(proc.pid)
         busids = [f"1-{n + 1}" for n in range(readers)]
@@ -372,7 +424,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured time first")
     parser.add_argument("--source", type=Path, help="run the server from this checkout")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--floor", action="store_true", help="a canned-reply server instead")
+    parser.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_floor:
+        serve_floor()
+        return
     counts = [int(n) for n in args.readers.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="usbccid-load-") as tmp:
