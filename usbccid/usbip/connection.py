@@ -293,7 +293,8 @@ class UsbipServerConnection:
     def _next_urb(self) -> Event | wire.Submit | NeedData:
         buffer = self._buffer
         if self._pending_header is None:
-            if len(buffer) < wire.URB_HEADER_SIZE:
+            available = len(buffer)
+            if available < wire.URB_HEADER_SIZE:
                 return NEED_DATA
             fields = wire.unpack_cmd_submit(buffer)
             if fields is None:  # not a CMD_SUBMIT: the dataclass path judges it
@@ -304,13 +305,13 @@ class UsbipServerConnection:
                 raise self._fail(f"direction must be 0 or 1, got {direction}")
             self._check_fields(devid, ep, length)
             size = length if direction == wire.Direction.OUT else 0
-            if len(buffer) < wire.URB_HEADER_SIZE + size:
+            end = wire.URB_HEADER_SIZE + size
+            if available < end:
                 # the payload is still on its way: park the parsed header meanwhile
                 parked = wire.Submit._make((*fields[1:], b""))
                 self._pending_header = wire.UrbHeader(parked.to_cmd())
                 del buffer[: wire.URB_HEADER_SIZE]
                 return NEED_DATA
-            end = wire.URB_HEADER_SIZE + size
             data = bytes(buffer[wire.URB_HEADER_SIZE : end]) if size else b""
             del buffer[:end]
             # (Phase.URB, RECV_CMD_SUBMIT) -> Phase.URB: no table lookup per URB (checked

@@ -183,7 +183,9 @@ class ExportConnection:
         while True:
             event = protocol.next_fast_event()
             if type(event) is wire.Submit:  # the hot path first
-                for ret in self._imported().submit_fast(event):
+                device = self._device
+                assert device is not None  # the protocol is in the URB phase: imported
+                for ret in device.submit_fast(event):
                     out += protocol.send_ret(ret)
             elif event is NEED_DATA:
                 return
@@ -232,15 +234,15 @@ class ExportConnection:
     def next_job(self, now: float) -> Job | None:
         """Work for the driver to run (``run()`` maybe on a thread, then ``finish()`` here,
         then :meth:`poll`)."""
-        device = self.device
+        device = self._device
         return device.function.next_job(now) if device is not None else None
 
     def get_timer(self) -> float | None:
-        device = self.device
+        device = self._device
         return device.function.get_timer() if device is not None else None
 
     def handle_timer(self, now: float) -> None:
-        device = self.device
+        device = self._device
         if device is None:
             return
         device.function.handle_timer(now)
