@@ -321,3 +321,65 @@ def test_xfr_block_framing_refuses_what_the_declaration_refuses(
     assert answer.command_status == CommandStatus.OK
     assert answer.seq == seq
     assert card.commands == [bytes(parsed.abData)]
+
+
+def test_the_hot_path_makes_no_container_or_message_dataclass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An APDU exchange (bulk-OUT XfrBlock, bulk-IN DataBlock) through the exporter makes
+    no construct Container and none of the per-message dataclasses of either wire module:
+    the hot path carries tuples and bytes."""
+    from usbccid.usbip.device import VirtualDevice
+    from usbccid.usbip.exporter import Exporter
+
+    reader = CcidReader([EchoCard()])
+    conn = Exporter([VirtualDevice(reader.identity, reader)]).connect("test")
+    conn.receive_data(wire.encode(wire.OpReqImport("1-1")))
+    assert len(conn.data_to_send()) == 8 + 312
+    seqnum = 0
+
+    def exchange(message: bytes) -> bytes:
+        nonlocal seqnum
+        seqnum += 2
+        head = struct.Struct(">LLLLLLLlll8s")
+        out = head.pack(1, seqnum - 1, 0x10001, 0, 1, 0, len(message), 0, 0, 0, bytes(8))
+        urb_in = head.pack(1, seqnum, 0x10001, 1, 2, 0, 65546, 0, 0, 0, bytes(8))
+        conn.receive_data(out + message + urb_in)
+        while (job := conn.next_job(0.0)) is not None:
+            job.run()
+            job.finish()
+            conn.poll()
+        data = conn.data_to_send()
+        assert len(data) > 96
+        return data[96:]
+
+    exchange(ccid_wire.build_command(ccid_wire.IccPowerOn(0, 1)))
+    made: list[str] = []
+    for module in (wire, ccid_wire):
+        for name, cls in vars(module).items():
+            if isinstance(cls, type) and hasattr(cls, "__dataclass_fields__"):
+                original = cls.__init__
+
+                def spy(
+                    self: object, *args: Any, _n: str = name, _o: Any = original, **kw: Any
+                ) -> None:
+                    made.append(_n)
+                    _o(self, *args, **kw)
+
+                monkeypatch.setattr(cls, "__init__", spy)
+    container_init = Container.__init__
+
+    def container_spy(self: Container[Any], *args: Any, **kw: Any) -> None:
+        made.append("Container")
+        container_init(self, *args, **kw)
+
+    monkeypatch.setattr(Container, "__init__", container_spy)
+    apdu = bytes.fromhex("80 10 00 00 03 01 02 03")  # EchoCard's ECHO
+    for seq in range(2, 6):
+        # built by hand: build_command goes through construct, and is not the server's path
+        xfr_block = bytes([0x6F]) + len(apdu).to_bytes(4, "little") + bytes([0, seq, 0, 0, 0])
+        reply = exchange(xfr_block + apdu)
+        assert reply[0] == ccid_wire.RdrToPc.DATA_BLOCK
+        assert reply[6] == seq
+        assert reply[10:] == b"\x01\x02\x03\x90\x00"
+    assert made == []
