@@ -93,9 +93,10 @@ class Rig:
         total = 0
         for peer in list(self.st._server.peers):
             conn = peer.conn
+            assert conn is not None
             total += len(conn.protocol._buffer) + len(conn._out)
-            transport = peer.writer.transport
-            if not transport.is_closing():
+            transport = peer.transport
+            if transport is not None and not transport.is_closing():
                 total += transport.get_write_buffer_size()
         for device in self.exporter.devices.values():
             total += device.parked_count * 64  # a parked URB record, generously
@@ -109,9 +110,9 @@ class Rig:
         return value
 
     def peer_count(self) -> int:
-        """Connections the server still holds: peers, and their handler tasks."""
+        """Connections the server still holds: peers, and their card jobs' tasks."""
         server = self.st._server
-        return self.st.call(lambda: max(len(server.peers), len(server._handlers)))
+        return self.st.call(lambda: max(len(server.peers), sum(len(p.tasks) for p in server.peers)))
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def test_the_hot_declarations_do_compile() -> None:
 
 
 @pytest.mark.parametrize(("name", "declaration"), FIXED, ids=[n for n, _ in FIXED])
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)  # the first example compiles the declaration
 @given(data=st.data())
 def test_fixed_size_compiled_parse_agrees(
     name: str, declaration: Construct[Any, Any], data: st.DataObject
@@ -63,7 +63,7 @@ def test_fixed_size_compiled_parse_agrees(
 
 
 @pytest.mark.parametrize("declaration", VARIABLE, ids=["PC_TO_RDR", "RDR_TO_PC"])
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     head=st.binary(min_size=1, max_size=1),
     tail=st.binary(min_size=5, max_size=5),  # bSlot, bSeq and three specific bytes

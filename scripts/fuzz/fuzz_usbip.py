@@ -70,11 +70,17 @@ class Oracle:
         self.unlinks: dict[int, int] = {}  # CMD_UNLINK seqnum -> the URB it targets
         self.ambiguous = False  # a seqnum reused while outstanding: replies are ambiguous
         protocol = conn.protocol
-        next_event, send = protocol.next_event, protocol.send
+        next_fast_event, send, send_ret = (
+            protocol.next_fast_event,
+            protocol.send,
+            protocol.send_ret,
+        )
 
-        def spy_next_event() -> Event | NeedData:
-            event = next_event()
-            self.received(event)
+        # The exporter reads with next_fast_event (CMD_SUBMIT as a wire.Submit tuple) and
+        # answers with send (op replies, RET_UNLINK) and send_ret (RET_SUBMIT tuples).
+        def spy_next_fast_event() -> Event | wire.Submit | NeedData:
+            event = next_fast_event()
+            self.received(event.to_cmd() if isinstance(event, wire.Submit) else event)
             return event
 
         def spy_send(
@@ -84,8 +90,14 @@ class Oracle:
             self.sent(message, data)
             return data
 
-        setattr(protocol, "next_event", spy_next_event)  # noqa: B010
+        def spy_send_ret(ret: wire.Ret) -> bytes:
+            data = send_ret(ret)
+            self.sent(ret.to_ret_submit(), data)
+            return data
+
+        setattr(protocol, "next_fast_event", spy_next_fast_event)  # noqa: B010
         setattr(protocol, "send", spy_send)  # noqa: B010
+        setattr(protocol, "send_ret", spy_send_ret)  # noqa: B010
 
     def received(self, event: Event | NeedData) -> None:
         if isinstance(event, wire.CmdSubmit):

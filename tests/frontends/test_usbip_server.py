@@ -428,3 +428,52 @@ def test_serve_until_cancelled() -> None:
             await task
 
     asyncio.run(main())
+
+
+def test_a_peer_that_never_reads_is_paused_and_stays_bounded(
+    server: tuple[ServerThread, tuple[str, int]],
+) -> None:
+    """Replies pile up for a client that sends and never reads: the server stops reading
+    it once its transport holds WRITE_HIGH unsent bytes (TCP then stops the client), keeps
+    its state bounded, and serves it again in full once it reads."""
+    from usbccid.frontends.usbip.server import WRITE_HIGH
+
+    st, address = server
+    client = TcpClient(address)
+    try:
+        client.import_("1-1")
+        payload = bytes(range(256)) * 200  # 51 200 bytes out, the same back
+        client.sock.settimeout(0.5)
+        pairs = 0
+        with contextlib.suppress(TimeoutError):
+            while pairs < 2000:  # ~100 MB: far beyond any socket buffer
+                _, out = client.urb.submit(1, OUT, len(payload), data=payload)
+                _, raw_in = client.urb.submit(2, IN, len(payload))
+                client.sock.sendall(out + raw_in)
+                pairs += 1
+        assert pairs < 2000, "the server kept reading a peer that never reads"
+
+        def state() -> tuple[bool, int, int]:
+            (peer,) = st._server.peers
+            assert peer.transport is not None
+            assert peer.conn is not None
+            held = peer.transport.get_write_buffer_size() + len(peer.conn.protocol._buffer)
+            return peer.transport.is_reading(), held, pairs
+
+        reading, held, _ = st.call(state)
+        assert not reading
+        # one batch read past the mark at most: the replies to up to 256 KiB of requests
+        assert held < WRITE_HIGH + 2 * 1024 * 1024, held
+        # Now read everything: every pair is answered, in order, and reading resumes.
+        client.sock.settimeout(TIMEOUT)
+        for _ in range(pairs):
+            first = client.reply()
+            second = client.reply()
+            assert isinstance(first, wire.RetSubmit)
+            assert first.status == 0
+            assert isinstance(second, wire.RetSubmit)
+            assert second.data == payload
+        assert client.echo(b"still there") == b"still there"
+        assert st.call(state)[0]
+    finally:
+        client.close()

@@ -52,19 +52,26 @@ def _passphrase_bytes(passphrase: bytes | str | None) -> bytes | None:
     return passphrase.encode("utf-8")
 
 
-def _load_private_key(data: bytes, passphrase: bytes | None, where: str) -> PrivateKeyTypes:
-    """One private key from a PEM block or DER (PKCS#8 or PKCS#1)."""
+def _load_private_key(
+    data: bytes, passphrase: bytes | None, where: str, *, checked: bool = False
+) -> PrivateKeyTypes:
+    """One private key from a PEM block or DER (PKCS#8 or PKCS#1).
+
+    ``checked``: these exact bytes are a key this program validated before (a stored
+    card's key, by the hash its manifest records): skip cryptography's RSA key validation,
+    which costs tens of milliseconds per key. Never for bytes from anywhere else.
+    """
     loader = (
         serialization.load_pem_private_key if _is_pem(data) else serialization.load_der_private_key
     )
     try:
-        return loader(data, password=passphrase)
+        return loader(data, password=passphrase, unsafe_skip_rsa_key_validation=checked)
     except TypeError as exc:
         # cryptography raises TypeError both for "encrypted, no password given" and for
         # "password given, key not encrypted". The second is harmless: load without it.
         if passphrase is not None:
             try:
-                return loader(data, password=None)
+                return loader(data, password=None, unsafe_skip_rsa_key_validation=checked)
             except (TypeError, ValueError):
                 pass
             raise ProvisionError(f"cannot read the private key in {where}") from exc
@@ -93,14 +100,14 @@ def load_certificates(data: bytes, where: str) -> list[x509.Certificate]:
 
 
 def _read_pem_bundle(
-    data: bytes, passphrase: bytes | None, where: str
+    data: bytes, passphrase: bytes | None, where: str, *, checked: bool = False
 ) -> tuple[list[x509.Certificate], list[PrivateKeyTypes]]:
     blocks = _pem_blocks(data)
     if not blocks:
         raise ProvisionError(f"no PEM block found in {where}")
     certificates = load_certificates(data, where)
     keys = [
-        _load_private_key(block, passphrase, where)
+        _load_private_key(block, passphrase, where, checked=checked)
         for label, block in blocks
         if label in _PEM_KEY_LABELS
     ]
@@ -166,6 +173,7 @@ def load_container(
     passphrase: bytes | str | None = None,
     source: str = "the container data",
     key_source: str = "the key data",
+    key_checked: bool = False,
 ) -> Container:
     """A :class:`Container` from a certificate and its RSA private key.
 
@@ -180,6 +188,9 @@ def load_container(
     certificates are present, the one whose public key matches the private key is used.
     ``source``/``key_source`` name the inputs in error messages (e.g. the file names).
 
+    ``key_checked``: ``key_data`` is a key this program validated before, byte for byte
+    (see :func:`_load_private_key`); only a stored card's manifest can say so.
+
     Raises :class:`ProvisionError` for anything unusable: no key, no certificate, wrong
     passphrase, a key that is not RSA or of an unsupported size, or a certificate that does
     not belong to the key.
@@ -193,9 +204,9 @@ def load_container(
     else:
         certificates = load_certificates(data, source)
         if _is_pem(key_data):
-            _, keys = _read_pem_bundle(key_data, password, key_source)
+            _, keys = _read_pem_bundle(key_data, password, key_source, checked=key_checked)
         else:
-            keys = [_load_private_key(key_data, password, key_source)]
+            keys = [_load_private_key(key_data, password, key_source, checked=key_checked)]
     key_where = source if key_data is None else key_source
     if not certificates:
         raise ProvisionError(f"no certificate found in {source}")

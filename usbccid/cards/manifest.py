@@ -1,11 +1,15 @@
 """A card as named byte strings, and back (``usbccid.cards.store`` keeps them as files).
 
 :func:`card_to_files` gives a JSON manifest, PEM certificates, PKCS#8 PEM keys and the CA
-certificate; :func:`card_from_files` reads them back.
+certificate; :func:`card_from_files` reads them back. The manifest records the SHA-256 of
+each key file it wrote: every key stored was generated here or validated when it was
+imported, so reading those same bytes back skips cryptography's RSA key validation (tens
+of milliseconds per key, which made a server of many readers slow to start).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -65,7 +69,17 @@ def card_to_files(card: ProvisionedCard) -> dict[str, bytes]:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        entries.append({"label": container.label, "certificate": cert_name, "key": key_name})
+        entries.append(
+            {
+                "label": container.label,
+                "certificate": cert_name,
+                "key": key_name,
+                # The key object was generated here or validated when it was imported
+                # (load_container): record which bytes hold it, so that loading them
+                # again can skip the RSA key validation (see card_from_files).
+                "key_sha256": hashlib.sha256(files[key_name]).hexdigest(),
+            }
+        )
     if card.ca_certificate is not None:
         files[CA_CERT_FILE] = card.ca_certificate.public_bytes(serialization.Encoding.PEM)
     manifest = {
@@ -139,13 +153,20 @@ def card_from_files(read: Callable[[str], bytes]) -> ProvisionedCard:
             raise ProvisionError(f"{what}: a container entry is not an object")
         cert_name = _file_name(entry.get("certificate"), what)
         key_name = _file_name(entry.get("key"), what)
+        key_data = read(key_name)
+        # A key file that is still the one card_to_files wrote (and validated) loads
+        # without the validation; anything else (an older manifest, an edited file) is
+        # validated in full.
+        recorded = entry.get("key_sha256")
+        checked = isinstance(recorded, str) and recorded == hashlib.sha256(key_data).hexdigest()
         containers.append(
             load_container(
                 read(cert_name),
-                read(key_name),
+                key_data,
                 label=_field(entry, "label", str, what),
                 source=cert_name,
                 key_source=key_name,
+                key_checked=checked,
             )
         )
     ca_name = manifest.get("ca_certificate")

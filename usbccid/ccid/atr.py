@@ -9,6 +9,7 @@ business: whatever cannot be read falls back to the ISO defaults.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from usbccid.ccid.wire import T0Parameters, T1Parameters
@@ -68,8 +69,11 @@ def parse_atr(atr: bytes) -> AtrInfo:
     return AtrInfo(offered, atr[0] == INVERSE_CONVENTION_TS, interface, group_protocol)
 
 
+@functools.lru_cache(maxsize=64)
 def default_parameters(atr: bytes | None) -> tuple[int, bytes]:
-    """(bProtocolNum, abProtocolDataStructure) for the card's default protocol."""
+    """(bProtocolNum, abProtocolDataStructure) for the card's default protocol.
+
+    Cached: a pure function of the ATR, asked at every power-down of every slot."""
     info = parse_atr(atr or b"")
     fi_di = info.interface.get((1, "A"), 0x11)
     guard = info.interface.get((1, "C"), 0x00)

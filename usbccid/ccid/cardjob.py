@@ -20,6 +20,10 @@ class _Finisher(Protocol):
 
 
 class CardOp(enum.Enum):
+    # members are singletons: hash by identity, in C (Enum's own __hash__ is Python code,
+    # and these are looked up in the state tables on every message)
+    __hash__ = object.__hash__
+
     POWER_ON = enum.auto()
     POWER_OFF = enum.auto()
     TRANSMIT = enum.auto()

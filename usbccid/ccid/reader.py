@@ -64,12 +64,14 @@ from usbccid.ccid.wire import (
     T1Parameters,
     UnknownCommand,
     XfrBlock,
+    build_data_block,
     build_dwords,
     build_notify_slot_change,
     build_reply,
     parse_command,
-    parse_header,
     reply_type,
+    unpack_header,
+    unpack_xfr_block,
 )
 from usbccid.jobs import Job
 from usbccid.usbip.errors import Stall
@@ -335,11 +337,11 @@ class CcidReader:
                 logger.debug("dropping a %d-byte bulk-OUT fragment", len(self._rx))
                 self._rx.clear()
             return
-        header = parse_header(bytes(self._rx[:HEADER_SIZE]))
-        total = HEADER_SIZE + header.length
+        message_type, length, slot, seq, _ = unpack_header(self._rx)
+        total = HEADER_SIZE + length
         if total > self.config.max_message_length or (len(self._rx) < total and ends_transfer):
             # §5.1 dwMaxCCIDMessageLength exceeded, or the transfer ended early.
-            self._reject_length(header.message_type, header.slot, header.seq)
+            self._reject_length(message_type, slot, seq)
             if not ends_transfer:
                 self._discard = total - len(self._rx)
             self._rx.clear()
@@ -348,14 +350,14 @@ class CcidReader:
             return  # a full-size URB: the transfer goes on
         if len(self._rx) > total:
             # More bytes than dwLength announces: the transfer disagrees with the header.
-            self._reject_length(header.message_type, header.slot, header.seq)
+            self._reject_length(message_type, slot, seq)
             if not ends_transfer:
                 self._discard = self.config.max_message_length
             self._rx.clear()
             return
         message = bytes(self._rx)
         self._rx.clear()
-        self._answer(header.message_type, header.slot, header.seq, lambda: self._command(message))
+        self._answer(message_type, slot, seq, lambda: self._command(message))
 
     def poll_in(self, endpoint: int, max_length: int) -> bytes | None:
         """Data for an IN URB of ``max_length`` bytes, or None to keep it parked."""
@@ -421,9 +423,10 @@ class CcidReader:
     # ---------------------------------------------------------------- replies
 
     def _answer(
-        self, message_type: int, slot: int, seq: int, produce: Callable[[], Reply | None]
+        self, message_type: int, slot: int, seq: int, produce: Callable[[], Reply | bytes | None]
     ) -> None:
-        """Run ``produce`` and queue its reply; a CcidError becomes the failed reply.
+        """Run ``produce`` and queue its reply (a :class:`Reply`, or one already built: the
+        hot path's DataBlock); a CcidError becomes the failed reply.
 
         This is the one place where the CCID error family meets the wire.
         """
@@ -438,7 +441,10 @@ class CcidReader:
             else:
                 icc = IccStatus.ABSENT
             reply = self._failed(reply_type(message_type), slot, seq, icc, exc.error)
-        if reply is not None:
+        if type(reply) is bytes:
+            self._out.append(_Outgoing(reply, slot))
+        elif reply is not None:
+            assert isinstance(reply, Reply)
             self._send(reply)
 
     def _failed(self, kind: RdrToPc, slot: int, seq: int, icc: IccStatus, error: int) -> Reply:
@@ -529,16 +535,23 @@ class CcidReader:
 
     # ---------------------------------------------------------------- commands
 
-    def _command(self, message: bytes) -> Reply | None:
-        header = parse_header(message)
+    def _command(self, message: bytes) -> Reply | bytes | None:
+        message_type, _, slot, seq, specific = unpack_header(message)
         self._bound_unread_replies()
-        if header.slot >= len(self._slots):
+        if slot >= len(self._slots):
             raise CcidError(SlotError.BAD_SLOT, icc_status=IccStatus.ABSENT)
-        record = self._slots[header.slot]
-        if record.abort_seq is not None and header.message_type != PcToRdr.ABORT:
+        record = self._slots[slot]
+        if record.abort_seq is not None and message_type != PcToRdr.ABORT:
             # §5.3.1: after the ABORT request the slot drops everything but the matching
             # PC_to_RDR_Abort.
             return None
+        if message_type == PcToRdr.XFR_BLOCK:
+            # The hot path: an APDU, framed by bulk_out already (10 + dwLength bytes, the
+            # whole of PC_TO_RDR's checks for an XfrBlock), without a parsed Command.
+            step = rule(record.state, SlotInput.XFR_BLOCK, busy=record.busy)
+            if step.action is Action.CARD_TRANSMIT:
+                _bwi, level = unpack_xfr_block(specific)
+                return self._xfr_block(record, seq, level, message[HEADER_SIZE:], step.next_state)
         command = parse_command(message)
         if isinstance(command, GetSlotStatus):
             # The host has looked at this slot since its last notification.
@@ -567,7 +580,9 @@ class CcidReader:
                 return self._start(record, CardOp.POWER_OFF, command.seq, step.next_state)
             case Action.CARD_TRANSMIT:
                 assert isinstance(command, XfrBlock)
-                return self._xfr_block(record, command, step.next_state)
+                return self._xfr_block(
+                    record, command.seq, command.level_parameter, command.data, step.next_state
+                )
             case Action.PIN_ENTRY:
                 assert isinstance(command, Secure)
                 assert self.pinpad is not None
@@ -627,17 +642,20 @@ class CcidReader:
             raise CcidError(SlotError.ICC_PROTOCOL_NOT_SUPPORTED)
         record.protocol_num, record.parameters = command.protocol_num, data
 
-    def _xfr_block(self, record: _Slot, command: XfrBlock, next_state: SlotState) -> Reply | None:
+    def _xfr_block(
+        self, record: _Slot, seq: int, level: int, data: bytes, next_state: SlotState
+    ) -> Reply | bytes | None:
         """XfrBlock at extended APDU level: a whole APDU starts the card, a chain block
         is acknowledged or answered with the next response block (usbccid.ccid.chaining)."""
-        step = record.chain.command(command.level_parameter, command.data)
+        step = record.chain.command(level, data)
         if isinstance(step, bytes):
-            return self._start(record, CardOp.TRANSMIT, command.seq, next_state, step)
-        return self._data_block(record, command.seq, step)
+            return self._start(record, CardOp.TRANSMIT, seq, next_state, step)
+        return self._data_block(record, seq, step)
 
-    def _data_block(self, record: _Slot, seq: int, block: ResponseBlock) -> Reply:
-        return DataBlock(
-            record.index, seq, record.icc_status, data=block.data, chain_parameter=block.chain
+    def _data_block(self, record: _Slot, seq: int, block: ResponseBlock) -> bytes:
+        """The RDR_to_PC_DataBlock carrying ``block``, built (the hot path's reply)."""
+        return build_data_block(
+            record.index, seq, ICC_STATUS[record.state], block.data, block.chain
         )
 
     def _start(
@@ -686,7 +704,7 @@ class CcidReader:
             seq, record.deferred_abort_seq = record.deferred_abort_seq, None
             self._send(SlotStatus(record.index, seq, record.icc_status))
 
-    def _job_reply(self, record: _Slot, job: CardJob) -> Reply:
+    def _job_reply(self, record: _Slot, job: CardJob) -> Reply | bytes:
         """What the host hears about finished card work (outside the slot table)."""
         if job.generation != record.generation:
             return self._card_gone()  # removed (or replaced) while the card worked
@@ -800,6 +818,8 @@ class CcidReader:
         anyway: it discards replies with a stale bSeq, ccid_usb.c ReadUSB). A reply the
         host has started to read is completed.
         """
+        if not self._out:
+            return  # the common case: the host read everything before its next command
         limit = (len(self._slots) + 1) * self.config.max_message_length
         first_unread = 1 if self._out_offset else 0
         unread = sum(len(o.data) for o in itertools.islice(self._out, first_unread, None))
@@ -811,6 +831,8 @@ class CcidReader:
     def _drop_unread_time_extensions(self, slot: int) -> None:
         """A time extension the host has not started to read is moot once the reply is
         there; one already partly read must be completed."""
+        if not any(o.time_extension for o in self._out):
+            return
         kept = deque(
             o
             for index, o in enumerate(self._out)

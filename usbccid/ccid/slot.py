@@ -27,12 +27,20 @@ from usbccid.ccid.errors import IccStatus, SlotError
 
 
 class SlotState(enum.Enum):
+    # members are singletons: hash by identity, in C (Enum's own __hash__ is Python code,
+    # and these are looked up in the state tables on every message)
+    __hash__ = object.__hash__
+
     ABSENT = enum.auto()
     PRESENT_INACTIVE = enum.auto()
     ACTIVE = enum.auto()
 
 
 class SlotInput(enum.Enum):
+    # members are singletons: hash by identity, in C (Enum's own __hash__ is Python code,
+    # and these are looked up in the state tables on every message)
+    __hash__ = object.__hash__
+
     # local hot-plug
     INSERT = enum.auto()
     REMOVE = enum.auto()
@@ -54,6 +62,10 @@ class SlotInput(enum.Enum):
 
 
 class Action(enum.Enum):
+    # members are singletons: hash by identity, in C (Enum's own __hash__ is Python code,
+    # and these are looked up in the state tables on every message)
+    __hash__ = object.__hash__
+
     NOTIFY = enum.auto()  # presence changed: queue a NotifySlotChange (§6.3.1)
     IGNORE = enum.auto()  # nothing happens
     REJECT = enum.auto()  # local misuse (insert into an occupied slot): ValueError

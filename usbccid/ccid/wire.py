@@ -45,7 +45,7 @@ from construct import (
 )
 
 from usbccid.ccid.errors import CcidError, CommandStatus, IccStatus, SlotError
-from usbccid.compiled import compiled, parse_fast
+from usbccid.compiled import StructLayout, parse_fast
 
 HEADER_SIZE = 10
 
@@ -249,6 +249,65 @@ CLASS_DESCRIPTOR = Struct(
     Terminated,
 )
 
+# The hot path (every APDU is one XfrBlock and one DataBlock) frames and builds these
+# headers with precompiled struct.Structs derived from the declarations above
+# (usbccid.compiled.StructLayout); the names are checked here, at import, against the
+# order the code below uses, and tests check that they agree with the declarations on
+# every field.
+HEADER_LAYOUT = StructLayout(PC_TO_RDR_HEADER)
+REPLY_LAYOUT = StructLayout(RDR_TO_PC, raw=("bStatus",), stop="abData")
+XFR_BLOCK_LAYOUT = StructLayout(_PC_TO_RDR_SPECIFIC[PcToRdr.XFR_BLOCK])
+# bStatus as one byte: where the two bit fields of _STATUS sit in it, asked of the
+# declaration itself.
+_COMMAND_STATUS_UNIT = _STATUS.build({"bmCommandStatus": 1, "bmICCStatus": 0})[0]
+_ICC_STATUS_UNIT = _STATUS.build({"bmCommandStatus": 0, "bmICCStatus": 1})[0]
+if (
+    HEADER_LAYOUT.names != ("bMessageType", "dwLength", "bSlot", "bSeq", "specific")
+    or REPLY_LAYOUT.names
+    != ("bMessageType", "dwLength", "bSlot", "bSeq", "bStatus", "bError", "bSpecific")
+    or XFR_BLOCK_LAYOUT.names != ("bBWI", "wLevelParameter")
+    or HEADER_LAYOUT.size != HEADER_SIZE
+    or REPLY_LAYOUT.size != HEADER_SIZE
+    or (_COMMAND_STATUS_UNIT, _ICC_STATUS_UNIT) != (0x40, 0x01)
+):  # pragma: no cover - a declaration changed without the code below
+    raise ImportError("the CCID header layouts no longer match their declarations")
+_unpack_header = HEADER_LAYOUT.unpack_from
+_pack_reply_header = REPLY_LAYOUT.pack
+unpack_xfr_block = XFR_BLOCK_LAYOUT.unpack
+"""``(bBWI, wLevelParameter)`` from the three message-specific bytes of an XfrBlock."""
+
+
+def unpack_header(data: bytes | bytearray) -> tuple[int, int, int, int, bytes]:
+    """``(bMessageType, dwLength, bSlot, bSeq, specific)`` of a PC_to_RDR message; ``data``
+    holds at least its 10 bytes. Every 10 bytes are a header: nothing here can fail."""
+    return _unpack_header(data)
+
+
+def build_data_block(
+    slot: int,
+    seq: int,
+    icc_status: int,
+    data: bytes,
+    chain_parameter: int = 0,
+    command_status: int = CommandStatus.OK,
+    error: int = 0,
+) -> bytes:
+    """RDR_to_PC_DataBlock (§6.2.1), the hot path's reply: the same bytes as
+    :func:`build_reply` of the :class:`DataBlock` with these fields."""
+    return (
+        _pack_reply_header(
+            RdrToPc.DATA_BLOCK,
+            len(data),
+            slot,
+            seq,
+            command_status * _COMMAND_STATUS_UNIT + icc_status * _ICC_STATUS_UNIT,
+            error,
+            chain_parameter,
+        )
+        + data
+    )
+
+
 CLASS_DESCRIPTOR_TYPE = 0x21
 CLASS_DESCRIPTOR_LENGTH = 54
 
@@ -294,8 +353,10 @@ class Header:
 
 def parse_header(data: bytes) -> Header:
     """The header of a PC_to_RDR message; ``data`` holds at least its 10 bytes."""
-    c = _parse(PC_TO_RDR_HEADER, bytes(data[:HEADER_SIZE]), "message header")
-    return Header(int(c.bMessageType), int(c.dwLength), int(c.bSlot), int(c.bSeq))
+    if len(data) < HEADER_SIZE:
+        raise CcidError(SlotError.BAD_LENGTH, f"message header: {len(data)} bytes")
+    message_type, length, slot, seq, _ = unpack_header(data)
+    return Header(message_type, length, slot, seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,21 +640,20 @@ def _reply_fields(reply: Reply) -> tuple[RdrToPc, int, bytes]:
 def build_reply(reply: Reply) -> bytes:
     """The bytes of an RDR_to_PC bulk message."""
     message_type, specific, data = _reply_fields(reply)
-    return bytes(
-        compiled(RDR_TO_PC).build(
-            {
-                "bMessageType": message_type,
-                "bSlot": reply.slot,
-                "bSeq": reply.seq,
-                "bStatus": {
-                    "bmCommandStatus": reply.command_status,
-                    "bmICCStatus": reply.icc_status,
-                },
-                "bError": reply.error,
-                "bSpecific": specific,
-                "abData": data,
-            }
+    status = reply.command_status
+    if not 0 <= status <= 3 or not 0 <= reply.icc_status <= 3:  # two bits each (§6.2.6)
+        raise ValueError(f"bStatus out of range: {reply!r}")
+    return (
+        _pack_reply_header(
+            message_type,
+            len(data),
+            reply.slot,
+            reply.seq,
+            status * _COMMAND_STATUS_UNIT + reply.icc_status * _ICC_STATUS_UNIT,
+            reply.error,
+            specific,
         )
+        + data
     )
 
 

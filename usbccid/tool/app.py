@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -173,8 +174,9 @@ class App:
                 self.config.pcap,
             )
         readers: list[_Reader] = []
+        loaded: dict[object, LoadedCard | None] = {}
         for rc in self.config.readers:
-            slots = [_Slot(sc, self._load(sc.card, rc.origin)) for sc in rc.slots]
+            slots = [_Slot(sc, self._load(sc.card, loaded)) for sc in rc.slots]
             try:
                 reader = self._frontend(rc.frontend).add_reader(rc)
             except FrontendError as exc:
@@ -196,21 +198,31 @@ class App:
         return frontend
 
     def _make_device(self, identity: DeviceIdentity, function: UsbFunction) -> VirtualDevice:
+        if self._pcap is None:
+            return VirtualDevice(identity, function)  # nothing to record: no hook per URB
         device = CapturedDevice(identity, function)
-        if self._pcap is not None:
-            types = {ep.address: int(ep.transfer_type) for ep in function.interface.endpoints}
-            # the exporter numbers devices 1-1, 1-2, ... in the order they are made
-            devnum = len(self.usbip.readers) + 1
-            device.capture = UsbipCapture(self._pcap, types, devnum)
+        types = {ep.address: int(ep.transfer_type) for ep in function.interface.endpoints}
+        # the exporter numbers devices 1-1, 1-2, ... in the order they are made
+        devnum = len(self.usbip.readers) + 1
+        device.capture = UsbipCapture(self._pcap, types, devnum)
         return device
 
-    def _load(self, card: CardSourceConfig | None, origin: str) -> LoadedCard | None:
+    def _load(
+        self, card: CardSourceConfig | None, loaded: dict[object, LoadedCard | None]
+    ) -> LoadedCard | None:
+        """The slot's card, loaded once per pass (``loaded``) however many slots name it:
+        loading reads and checks keys, and the slots share the card's PIN state anyway."""
         if card is None:
             return None
+        key = _card_key(card)
+        if key in loaded:
+            return loaded[key]
         try:
-            return load_card(card, self.state_dir, self._now())
+            result = load_card(card, self.state_dir, self._now())
         except StateError as exc:
             raise AppError(str(exc)) from None
+        loaded[key] = result
+        return result
 
     def _card(self, r: _Reader, index: int, loaded: LoadedCard) -> Card:
         card: Card = CountingCard(loaded.new_card(), r.counters)
@@ -487,6 +499,7 @@ class App:
         by_name = {rc.name: rc for rc in new.readers}
         if [rc.name for rc in new.readers] != [r.config.name for r in self.readers]:
             restart.append("the set of readers changed")
+        loaded: dict[object, LoadedCard | None] = {}
         for r in self.readers:
             rc = by_name.get(r.config.name)
             if rc is None:
@@ -501,21 +514,21 @@ class App:
                 continue
             for index, sc in enumerate(rc.slots):
                 try:
-                    loaded = self._load(sc.card, rc.origin)
+                    card = self._load(sc.card, loaded)
                 except UsbccidError as exc:
                     raise ControlError(f"cards not reloaded: {exc}") from None
                 old = r.slots[index]
-                same = (
-                    loaded is not None and old.card is not None and loaded.same_card(old.card)
-                ) or (loaded is None and old.card is None)
+                same = (card is not None and old.card is not None and card.same_card(old.card)) or (
+                    card is None and old.card is None
+                )
                 if same:
                     continue
                 was_in = old.wanted
                 self._remove(r, index)
                 if isinstance(old.card, LiveCard):
                     old.card.close()
-                r.slots[index] = _Slot(sc, loaded)
-                self._fill(r, index, loaded is not None and (was_in or sc.inserted))
+                r.slots[index] = _Slot(sc, card)
+                self._fill(r, index, card is not None and (was_in or sc.inserted))
                 changed.append(f"{r.config.name}:{index}")
         if self._control is not None:
             self._start_watching()  # the live cards that came with the reload
@@ -581,6 +594,20 @@ def _prompt(prompt: Prompt | None, now: float) -> PinPrompt | None:
         seconds_left=prompt.seconds_left(now),
         display=prompt.display,
     )
+
+
+def _card_key(card: object) -> object:
+    """A slot's card configuration without where it was written (``origin``), hashable:
+    slots that name the same card get the same key."""
+    if dataclasses.is_dataclass(card) and not isinstance(card, type):
+        fields = dataclasses.fields(card)
+        return (
+            type(card),
+            *(_card_key(getattr(card, f.name)) for f in fields if f.name != "origin"),
+        )
+    if isinstance(card, tuple):
+        return tuple(_card_key(item) for item in card)
+    return card
 
 
 def _ensure_dir(path: Path) -> None:

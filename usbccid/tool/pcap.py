@@ -315,28 +315,29 @@ class CapturedDevice(VirtualDevice):
     capture: UsbipCapture | None = None
     clock: Callable[[], float] = time.time
 
-    def submit(self, cmd: wire.CmdSubmit) -> list[wire.RetSubmit]:
+    def submit_fast(self, cmd: wire.Submit) -> list[wire.Ret]:
         capture = self.capture
         if capture is None:
-            return super().submit(cmd)
+            return super().submit_fast(cmd)
         capture.submitted(
             cmd.seqnum,
             cmd.devid,
             cmd.direction == wire.Direction.IN,
             cmd.ep,
             cmd.transfer_buffer_length,
-            wire.encode_setup(cmd.setup),
+            cmd.setup,
             cmd.data,
             cmd.interval,
             self.clock(),
         )
-        replies = super().submit(cmd)
+        replies = super().submit_fast(cmd)
         self._record(replies)
         return replies
 
-    def poll(self) -> list[wire.RetSubmit]:
-        # submit() completes parked URBs without calling poll(): no reply is recorded twice
-        replies = super().poll()
+    def poll_fast(self) -> list[wire.Ret]:
+        # submit_fast() completes parked URBs without calling poll_fast(): no reply is
+        # recorded twice (submit() and poll() go through these two)
+        replies = super().poll_fast()
         self._record(replies)
         return replies
 
@@ -351,7 +352,7 @@ class CapturedDevice(VirtualDevice):
         if self.capture is not None:
             self.capture.reset()
 
-    def _record(self, replies: list[wire.RetSubmit]) -> None:
+    def _record(self, replies: list[wire.Ret]) -> None:
         if self.capture is None:
             return
         now = self.clock()

@@ -41,6 +41,10 @@ MAX_ENDPOINT_NUMBER: Final = 15  # USB 2.0 §9.6.6: bEndpointAddress bits 3..0
 
 
 class Phase(enum.Enum):
+    # members are singletons: hash by identity, in C (Enum's own __hash__ is Python code,
+    # and these are looked up in the state tables on every message)
+    __hash__ = object.__hash__
+
     AWAIT_OP = "await-op"  # waiting for OP_REQ_DEVLIST or OP_REQ_IMPORT
     DEVLIST_PENDING = "devlist-pending"  # OP_REQ_DEVLIST received; reply not sent yet
     IMPORT_PENDING = "import-pending"  # OP_REQ_IMPORT received; reply not sent yet
@@ -50,6 +54,10 @@ class Phase(enum.Enum):
 
 
 class Input(enum.Enum):
+    # members are singletons: hash by identity, in C (Enum's own __hash__ is Python code,
+    # and these are looked up in the state tables on every message)
+    __hash__ = object.__hash__
+
     RECV_REQ_DEVLIST = "recv OP_REQ_DEVLIST"
     RECV_REQ_IMPORT = "recv OP_REQ_IMPORT"
     RECV_CMD_SUBMIT = "recv CMD_SUBMIT"
@@ -82,6 +90,10 @@ TRANSITIONS: Final[dict[tuple[Phase, Input], Phase]] = {
     (Phase.URB, Input.RECV_EOF): Phase.DONE,
     (Phase.DONE, Input.RECV_EOF): Phase.DONE,
 }
+# The hot path takes these two steps without a lookup: in URB they lead back to URB.
+_URB_LOOPS: Final = (Input.RECV_CMD_SUBMIT, Input.SEND_RET_SUBMIT)
+if any(TRANSITIONS.get((Phase.URB, i)) is not Phase.URB for i in _URB_LOOPS):
+    raise ImportError("the hot path's URB -> URB steps are not in the table")  # pragma: no cover
 
 
 class NeedData:
@@ -212,19 +224,29 @@ class UsbipServerConnection:
                 message cut off by EOF, ...). The connection is then in phase ERROR and
                 every further call raises again.
         """
-        if self._machine.phase is Phase.ERROR:
-            raise UsbipRemoteError("connection already failed")
-        if self._machine.phase is Phase.AWAIT_OP:
-            event = self._next_op()
-        elif self._machine.phase is Phase.URB:
+        event = self.next_fast_event()
+        if type(event) is wire.Submit:
+            return event.to_cmd()
+        assert not isinstance(event, wire.Submit)
+        return event
+
+    def next_fast_event(self) -> Event | wire.Submit | NeedData:
+        """:meth:`next_event`, except that a CMD_SUBMIT comes as a :class:`wire.Submit`
+        tuple (the hot path: no dataclass per URB). Raises as :meth:`next_event` does."""
+        phase = self._machine.phase
+        if phase is Phase.URB:
             event = self._next_urb()
+        elif phase is Phase.ERROR:
+            raise UsbipRemoteError("connection already failed")
+        elif phase is Phase.AWAIT_OP:
+            event = self._next_op()
         else:
             event = NEED_DATA  # a reply is due (or we are done): parse nothing meanwhile
         if event is NEED_DATA and self._eof and not self._eof_reported:
             return self._at_eof()
         return event
 
-    def _at_eof(self) -> Event | NeedData:
+    def _at_eof(self) -> Event | wire.Submit | NeedData:
         if self._machine.phase in (Phase.DEVLIST_PENDING, Phase.IMPORT_PENDING):
             # The peer left before our reply: what it sent may still be answered (and
             # parsed, once the reply is out); EOF is reported after that.
@@ -268,18 +290,50 @@ class UsbipServerConnection:
             raise self._fail(str(e)) from e
         return event
 
-    def _next_urb(self) -> Event | NeedData:
+    def _next_urb(self) -> Event | wire.Submit | NeedData:
+        buffer = self._buffer
         if self._pending_header is None:
-            if len(self._buffer) < wire.URB_HEADER_SIZE:
+            available = len(buffer)
+            if available < wire.URB_HEADER_SIZE:
                 return NEED_DATA
-            try:
-                header = wire.parse_urb_header(bytes(self._buffer[: wire.URB_HEADER_SIZE]))
-            except UsbipRemoteError as e:
-                raise self._fail(str(e)) from e
-            self._check_header(header.message)
-            del self._buffer[: wire.URB_HEADER_SIZE]
-            self._pending_header = header
+            fields = wire.unpack_cmd_submit(buffer)
+            if fields is None:  # not a CMD_SUBMIT: the dataclass path judges it
+                return self._next_other_urb()
+            # CMD_SUBMIT, the hot path: the checks of _check_header on the raw fields
+            _, seqnum, devid, direction, ep, flags, length, start, packets, interval, setup = fields
+            if direction > wire.Direction.IN:
+                raise self._fail(f"direction must be 0 or 1, got {direction}")
+            self._check_fields(devid, ep, length)
+            size = length if direction == wire.Direction.OUT else 0
+            end = wire.URB_HEADER_SIZE + size
+            if available < end:
+                # the payload is still on its way: park the parsed header meanwhile
+                parked = wire.Submit._make((*fields[1:], b""))
+                self._pending_header = wire.UrbHeader(parked.to_cmd())
+                del buffer[: wire.URB_HEADER_SIZE]
+                return NEED_DATA
+            data = bytes(buffer[wire.URB_HEADER_SIZE : end]) if size else b""
+            del buffer[:end]
+            # (Phase.URB, RECV_CMD_SUBMIT) -> Phase.URB: no table lookup per URB (checked
+            # at import: _URB_LOOPS)
+            return wire.Submit(
+                seqnum, devid, direction, ep, flags, length, start, packets, interval, setup, data
+            )
+        return self._next_pending_urb()
+
+    def _next_other_urb(self) -> Event | wire.Submit | NeedData:
+        try:
+            header = wire.parse_urb_header(bytes(self._buffer[: wire.URB_HEADER_SIZE]))
+        except UsbipRemoteError as e:
+            raise self._fail(str(e)) from e
+        self._check_header(header.message)
+        del self._buffer[: wire.URB_HEADER_SIZE]
+        self._pending_header = header
+        return self._next_pending_urb()
+
+    def _next_pending_urb(self) -> Event | wire.Submit | NeedData:
         header = self._pending_header
+        assert header is not None
         size = header.payload_length
         if len(self._buffer) < size:
             return NEED_DATA
@@ -288,28 +342,30 @@ class UsbipServerConnection:
         self._pending_header = None
         message = wire.with_payload(header.message, payload)
         assert isinstance(message, wire.CmdSubmit | wire.CmdUnlink)
-        self._transition(
-            Input.RECV_CMD_SUBMIT if isinstance(message, wire.CmdSubmit) else Input.RECV_CMD_UNLINK
-        )
+        if isinstance(message, wire.CmdSubmit):
+            self._transition(Input.RECV_CMD_SUBMIT)
+            return wire.Submit.from_cmd(message)
+        self._transition(Input.RECV_CMD_UNLINK)
         return message
 
     def _check_header(self, message: wire.UrbMessage) -> None:
         if not isinstance(message, wire.CmdSubmit | wire.CmdUnlink):
             # RET_* flow from server to client only (usbip_protocol.rst).
             raise self._fail(f"a client may not send {type(message).__name__}")
-        if message.devid != self._devid:
+        length = message.transfer_buffer_length if isinstance(message, wire.CmdSubmit) else 0
+        self._check_fields(message.devid, message.ep, length)
+
+    def _check_fields(self, devid: int, ep: int, transfer_buffer_length: int) -> None:
+        if devid != self._devid:
             # The Linux server does the same: stub_rx.c valid_request() compares the devid
             # with the exported device and otherwise raises SDEV_EVENT_ERROR_TCP, which
             # closes the connection. We close too, rather than answer -ENODEV.
-            raise self._fail(f"devid {message.devid:#x} is not the imported device")
-        if message.ep > MAX_ENDPOINT_NUMBER:
-            raise self._fail(f"endpoint number {message.ep} out of range")
-        if (
-            isinstance(message, wire.CmdSubmit)
-            and message.transfer_buffer_length > self.max_transfer_length
-        ):
+            raise self._fail(f"devid {devid:#x} is not the imported device")
+        if ep > MAX_ENDPOINT_NUMBER:
+            raise self._fail(f"endpoint number {ep} out of range")
+        if transfer_buffer_length > self.max_transfer_length:
             raise self._fail(
-                f"transfer_buffer_length {message.transfer_buffer_length} exceeds the cap "
+                f"transfer_buffer_length {transfer_buffer_length} exceeds the cap "
                 f"of {self.max_transfer_length}"
             )
 
@@ -339,3 +395,13 @@ class UsbipServerConnection:
         if self._machine.phase is Phase.DONE:
             self._buffer.clear()
         return data
+
+    def send_ret(self, ret: wire.Ret) -> bytes:
+        """The bytes of a RET_SUBMIT from the hot path (:meth:`send` for a :class:`wire.Ret`).
+
+        Raises:
+            UsbipLocalError: not allowed in the current phase, or not encodable.
+        """
+        if self._machine.phase is not Phase.URB:  # in URB it stays URB (see _URB_LOOPS)
+            self._machine.process(Input.SEND_RET_SUBMIT)
+        return wire.encode_ret(ret)

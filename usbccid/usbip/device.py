@@ -86,10 +86,8 @@ class Feature(enum.IntEnum):
     TEST_MODE = 2
 
 
-@dataclass(frozen=True, slots=True)
-class _ParkedUrb:
-    seqnum: int
-    length: int  # transfer_buffer_length: the most bytes the completion may carry
+#: a parked IN URB: (seqnum, transfer_buffer_length: the most bytes its completion may carry)
+_ParkedUrb = tuple[int, int]
 
 
 @dataclass(slots=True)
@@ -99,8 +97,8 @@ class _EndpointState:
     parked: deque[_ParkedUrb] | None = None  # only for IN endpoints
 
 
-def _stall(seqnum: int) -> wire.RetSubmit:
-    return wire.RetSubmit(seqnum=seqnum, status=-errno.EPIPE, actual_length=0)
+def _stall(seqnum: int) -> wire.Ret:
+    return wire.Ret(seqnum, -errno.EPIPE, 0)
 
 
 class VirtualDevice:
@@ -151,6 +149,13 @@ class VirtualDevice:
                 raise ValueError(f"bad or duplicate endpoint address {ep.address:#04x}")
             is_in = bool(ep.address & 0x80)
             self._endpoints[ep.address] = _EndpointState(ep, parked=deque() if is_in else None)
+        # the IN endpoints' FIFOs in address order, as _complete_parked walks them
+        self._parked = [
+            (address, state.parked)
+            for address, state in sorted(self._endpoints.items())
+            if state.parked is not None
+        ]
+        self._parked_queues = [parked for _, parked in self._parked]
 
         # String descriptors (USB 2.0 §9.6.7): index 0 is the LANGID list; empty strings
         # get index 0, which means "no string".
@@ -238,7 +243,7 @@ class VirtualDevice:
         self.configuration = 0
         self.address = 0
         self.remote_wakeup = False
-        self._failed: list[wire.RetSubmit] = []  # parked URBs failed by SET_FEATURE(HALT)
+        self._failed: list[wire.Ret] = []  # parked URBs failed by SET_FEATURE(HALT)
 
     # -- identity for the op phase ----------------------------------------------------
 
@@ -289,14 +294,14 @@ class VirtualDevice:
 
     @property
     def parked_count(self) -> int:
-        return sum(len(s.parked) for s in self._endpoints.values() if s.parked is not None)
+        return sum(map(len, self._parked_queues))
 
     def parked_seqnums(self, endpoint: int) -> list[int]:
         """Seqnums of the URBs parked on IN ``endpoint`` (its address), oldest first."""
         state = self._endpoints.get(endpoint)
         if state is None or state.parked is None:
             return []
-        return [p.seqnum for p in state.parked]
+        return [seqnum for seqnum, _ in state.parked]
 
     # -- URB traffic ------------------------------------------------------------------
 
@@ -305,16 +310,22 @@ class VirtualDevice:
 
         The list may be empty (an IN URB parked) and may complete earlier parked URBs
         (an OUT transfer or a control request gave the function something to say).
+        :meth:`submit_fast` is the same on the hot path's tuples; subclasses override that.
 
         Raises:
             UsbipRemoteError: more than :data:`MAX_PARKED_URBS` IN URBs would be parked.
             UsbipLocalError: the function broke its contract (returned too many bytes).
         """
-        replies: list[wire.RetSubmit] = []
-        if cmd.ep == 0:
+        return [r.to_ret_submit() for r in self.submit_fast(wire.Submit.from_cmd(cmd))]
+
+    def submit_fast(self, cmd: wire.Submit) -> list[wire.Ret]:
+        """:meth:`submit` for a :class:`wire.Submit`, answering :class:`wire.Ret` tuples."""
+        replies: list[wire.Ret] = []
+        ep = cmd.ep
+        if ep == 0:
             replies.append(self._control(cmd))
         else:
-            address = cmd.ep | (0x80 if cmd.direction == wire.Direction.IN else 0)
+            address = ep | 0x80 if cmd.direction == wire.Direction.IN else ep
             state = self._endpoints.get(address)
             if state is None or state.halted:
                 # No such endpoint: the host would get a STALL handshake (§8.4.5).
@@ -322,49 +333,54 @@ class VirtualDevice:
             elif state.parked is not None:
                 if self.parked_count >= MAX_PARKED_URBS:
                     raise UsbipRemoteError(f"more than {MAX_PARKED_URBS} IN URBs parked")
-                state.parked.append(_ParkedUrb(cmd.seqnum, cmd.transfer_buffer_length))
+                state.parked.append((cmd.seqnum, cmd.transfer_buffer_length))
             else:
                 replies.append(self._out(cmd, address))
-        replies.extend(self._complete_parked())
+        self._complete_parked(replies)
         return replies
 
-    def _out(self, cmd: wire.CmdSubmit, address: int) -> wire.RetSubmit:
+    def _out(self, cmd: wire.Submit, address: int) -> wire.Ret:
         try:
             self.function.bulk_out(address, cmd.data)
         except UrbError as e:
-            return wire.RetSubmit(seqnum=cmd.seqnum, status=e.status, actual_length=0)
-        return wire.RetSubmit(seqnum=cmd.seqnum, status=0, actual_length=len(cmd.data))
+            return wire.Ret(cmd.seqnum, e.status, 0)
+        return wire.Ret(cmd.seqnum, 0, len(cmd.data))
 
     def poll(self) -> list[wire.RetSubmit]:
         """Complete the parked IN URBs for which the function now has data.
 
         Call it after anything outside the URB stream changed the function (a card
-        inserted, a job finished, a timer fired). FIFO per endpoint.
+        inserted, a job finished, a timer fired). FIFO per endpoint. :meth:`poll_fast` is
+        the same on the hot path's tuples; subclasses override that.
 
         Raises:
             UsbipLocalError: ``poll_in`` returned more than the URB's length.
         """
-        return self._complete_parked()
+        return [r.to_ret_submit() for r in self.poll_fast()]
 
-    def _complete_parked(self) -> list[wire.RetSubmit]:
-        replies, self._failed = self._failed, []
-        for address in sorted(self._endpoints):
-            state = self._endpoints[address]
-            parked = state.parked
+    def poll_fast(self) -> list[wire.Ret]:
+        """:meth:`poll`, answering :class:`wire.Ret` tuples."""
+        replies: list[wire.Ret] = []
+        self._complete_parked(replies)
+        return replies
+
+    def _complete_parked(self, replies: list[wire.Ret]) -> None:
+        if self._failed:
+            replies.extend(self._failed)
+            self._failed = []
+        poll_in = self.function.poll_in
+        for address, parked in self._parked:
             while parked:
-                urb = parked[0]
-                data = self.function.poll_in(address, urb.length)
+                seqnum, length = parked[0]
+                data = poll_in(address, length)
                 if data is None:
                     break
-                if len(data) > urb.length:
+                if len(data) > length:
                     raise UsbipLocalError(
-                        f"poll_in({address:#04x}, {urb.length}) returned {len(data)} bytes"
+                        f"poll_in({address:#04x}, {length}) returned {len(data)} bytes"
                     )
                 parked.popleft()
-                replies.append(
-                    wire.RetSubmit(seqnum=urb.seqnum, status=0, actual_length=len(data), data=data)
-                )
-        return replies
+                replies.append(wire.Ret(seqnum, 0, len(data), data))
 
     def unlink(self, cmd: wire.CmdUnlink) -> wire.RetUnlink:
         """Handle one CMD_UNLINK (usbip_protocol.rst, USBIP_RET_UNLINK)."""
@@ -372,7 +388,7 @@ class VirtualDevice:
             if state.parked is None:
                 continue
             for urb in state.parked:
-                if urb.seqnum == cmd.unlink_seqnum:
+                if urb[0] == cmd.unlink_seqnum:
                     state.parked.remove(urb)
                     return wire.RetUnlink(seqnum=cmd.seqnum, status=-errno.ECONNRESET)
         # Completed already (its RET_SUBMIT was sent before) or never seen.
@@ -380,8 +396,8 @@ class VirtualDevice:
 
     # -- control transfers (USB 2.0 §9.4) ---------------------------------------------
 
-    def _control(self, cmd: wire.CmdSubmit) -> wire.RetSubmit:
-        setup = cmd.setup
+    def _control(self, cmd: wire.Submit) -> wire.Ret:
+        setup = wire.parse_setup(cmd.setup)
         if setup.direction_in != (cmd.direction == wire.Direction.IN):
             # The URB's direction decides whether the reply carries a payload (vhci_rx.c
             # reads one only for IN pipes); a SETUP that disagrees gets no answer but a
@@ -390,13 +406,13 @@ class VirtualDevice:
         try:
             answer = self._request(setup, cmd.data)
         except UrbError as e:
-            return wire.RetSubmit(seqnum=cmd.seqnum, status=e.status, actual_length=0)
+            return wire.Ret(cmd.seqnum, e.status, 0)
         if setup.direction_in:
             # The device sends at most wLength bytes (§9.3.5), the URB holds at most
             # transfer_buffer_length.
             data = answer[: min(setup.wLength, cmd.transfer_buffer_length)]
-            return wire.RetSubmit(seqnum=cmd.seqnum, status=0, actual_length=len(data), data=data)
-        return wire.RetSubmit(seqnum=cmd.seqnum, status=0, actual_length=len(cmd.data))
+            return wire.Ret(cmd.seqnum, 0, len(data), data)
+        return wire.Ret(cmd.seqnum, 0, len(cmd.data))
 
     def _request(self, setup: SetupPacket, data: bytes) -> bytes:
         if setup.request_type == 0:  # standard
@@ -482,7 +498,7 @@ class VirtualDevice:
             # fail with -EPIPE, reported by the poll() that follows this request.
             state.halted = True
             if state.parked:
-                self._failed.extend(_stall(p.seqnum) for p in state.parked)
+                self._failed.extend(_stall(seqnum) for seqnum, _ in state.parked)
                 state.parked.clear()
         return b""
 

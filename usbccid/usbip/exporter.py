@@ -140,13 +140,14 @@ class ExportConnection:
         self.peer = peer
         self.protocol = UsbipServerConnection(max_transfer_length=exporter.max_transfer_length)
         self.busid: str | None = None
+        self._device: VirtualDevice | None = None  # the imported one
         self._out = bytearray()
         self._lost = False
 
     @property
     def device(self) -> VirtualDevice | None:
         """The imported device, if any."""
-        return self.exporter.device(self.busid) if self.busid is not None else None
+        return self._device
 
     @property
     def should_close(self) -> bool:
@@ -155,6 +156,8 @@ class ExportConnection:
 
     def data_to_send(self) -> bytes:
         """The bytes to write to the peer now (and forget)."""
+        if not self._out:
+            return b""
         data = bytes(self._out)
         self._out.clear()
         return data
@@ -175,30 +178,34 @@ class ExportConnection:
             raise
 
     def _drain(self) -> None:
+        protocol = self.protocol
+        out = self._out
         while True:
-            event = self.protocol.next_event()
-            if event is NEED_DATA:
+            event = protocol.next_fast_event()
+            if type(event) is wire.Submit:  # the hot path first
+                device = self._device
+                assert device is not None  # the protocol is in the URB phase: imported
+                for ret in device.submit_fast(event):
+                    out += protocol.send_ret(ret)
+            elif event is NEED_DATA:
                 return
-            if isinstance(event, wire.OpReqDevlist):
-                self._out += self.protocol.send(self.exporter._devlist())
+            elif isinstance(event, wire.OpReqDevlist):
+                out += protocol.send(self.exporter._devlist())
             elif isinstance(event, wire.OpReqImport):
                 reply = self.exporter._claim(event.busid, self)
                 if reply.status == wire.OpStatus.OK:
                     self.busid = event.busid
-                self._out += self.protocol.send(reply)
-            elif isinstance(event, wire.CmdSubmit):
-                device = self._imported()
-                for ret in device.submit(event):
-                    self._out += self.protocol.send(ret)
+                    self._device = self.exporter.device(event.busid)
+                out += protocol.send(reply)
             elif isinstance(event, wire.CmdUnlink):
-                self._out += self.protocol.send(self._imported().unlink(event))
+                out += protocol.send(self._imported().unlink(event))
             else:
                 assert isinstance(event, ConnectionClosed)
                 self.connection_lost()
                 return
 
     def _imported(self) -> VirtualDevice:
-        device = self.device
+        device = self._device
         assert device is not None  # the protocol is in the URB phase only after an import
         return device
 
@@ -208,17 +215,18 @@ class ExportConnection:
         if self.busid is not None:
             self.exporter._release(self.busid, self)
             self.busid = None
+            self._device = None
 
     # -- pass-through to the imported function ----------------------------------------
 
     def poll(self) -> None:
         """Complete parked IN URBs after an outside change (card inserted, job done)."""
-        device = self.device
+        device = self._device
         if device is None or self._lost:
             return
         try:
-            for ret in device.poll():
-                self._out += self.protocol.send(ret)
+            for ret in device.poll_fast():
+                self._out += self.protocol.send_ret(ret)
         except Exception:
             self.connection_lost()
             raise
@@ -226,15 +234,15 @@ class ExportConnection:
     def next_job(self, now: float) -> Job | None:
         """Work for the driver to run (``run()`` maybe on a thread, then ``finish()`` here,
         then :meth:`poll`)."""
-        device = self.device
+        device = self._device
         return device.function.next_job(now) if device is not None else None
 
     def get_timer(self) -> float | None:
-        device = self.device
+        device = self._device
         return device.function.get_timer() if device is not None else None
 
     def handle_timer(self, now: float) -> None:
-        device = self.device
+        device = self._device
         if device is None:
             return
         device.function.handle_timer(now)

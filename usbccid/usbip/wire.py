@@ -17,8 +17,9 @@ checks lengths first (``OP_COMMON_SIZE``, ``URB_HEADER_SIZE``, ...) and construc
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from construct import (
     Array,
@@ -41,7 +42,7 @@ from construct import (
     this,
 )
 
-from usbccid.compiled import compiled, parse_fast
+from usbccid.compiled import StructLayout, compiled, parse_fast
 from usbccid.usbip.errors import UsbipLocalError, UsbipRemoteError
 from usbccid.usbip.function import SetupPacket
 
@@ -228,6 +229,34 @@ _URB_HEADERS: dict[UrbCommand, Construct[Any, Any]] = {
     UrbCommand.CMD_UNLINK: _CMD_UNLINK_HEADER,
     UrbCommand.RET_UNLINK: _RET_UNLINK_HEADER,
 }
+
+# The hot path (every APDU is two CMD_SUBMITs and two RET_SUBMITs) reads and writes these
+# two headers with one precompiled struct.Struct each, derived from the declarations above
+# (usbccid.compiled.StructLayout); the SETUP packet rides along as its 8 raw bytes, since
+# it is little-endian. The names are checked here, at import, against the order in which
+# the code below unpacks and packs them.
+CMD_SUBMIT_LAYOUT = StructLayout(_CMD_SUBMIT_HEADER, raw=("setup",))
+RET_SUBMIT_LAYOUT = StructLayout(_RET_SUBMIT_HEADER)
+_BASIC_NAMES = ("basic.command", "basic.seqnum", "basic.devid", "basic.direction", "basic.ep")
+if CMD_SUBMIT_LAYOUT.names != (
+    *_BASIC_NAMES,
+    "transfer_flags",
+    "transfer_buffer_length",
+    "start_frame",
+    "number_of_packets",
+    "interval",
+    "setup",
+) or RET_SUBMIT_LAYOUT.names != (
+    *_BASIC_NAMES,
+    "status",
+    "actual_length",
+    "start_frame",
+    "number_of_packets",
+    "error_count",
+):  # pragma: no cover - a declaration changed without the code below
+    raise ImportError("the URB header layouts no longer match their declarations")
+if CMD_SUBMIT_LAYOUT.size != URB_HEADER_SIZE or RET_SUBMIT_LAYOUT.size != URB_HEADER_SIZE:
+    raise ImportError("URB headers must be 48 bytes")  # pragma: no cover
 
 # Standard USB descriptors (USB 2.0 §9.6), little-endian.
 _DEVICE_DESCRIPTOR = Struct(
@@ -452,6 +481,68 @@ class UrbHeader:
         if isinstance(m, CmdSubmit) and m.direction == Direction.OUT:
             return m.transfer_buffer_length
         return 0
+
+
+class Submit(NamedTuple):
+    """A CMD_SUBMIT as the hot path carries it: the header's fields in wire order (the
+    SETUP packet as its 8 raw bytes), then the OUT payload. A tuple, not a dataclass: it
+    is made for every URB. :meth:`to_cmd` / :meth:`from_cmd` convert to :class:`CmdSubmit`."""
+
+    seqnum: int
+    devid: int
+    direction: int
+    ep: int
+    transfer_flags: int
+    transfer_buffer_length: int
+    start_frame: int
+    number_of_packets: int
+    interval: int
+    setup: bytes
+    data: bytes
+
+    def to_cmd(self) -> CmdSubmit:
+        return CmdSubmit(
+            seqnum=self.seqnum,
+            devid=self.devid,
+            direction=Direction(self.direction),
+            ep=self.ep,
+            transfer_buffer_length=self.transfer_buffer_length,
+            setup=parse_setup(self.setup),
+            data=self.data,
+            transfer_flags=self.transfer_flags,
+            start_frame=self.start_frame,
+            number_of_packets=self.number_of_packets,
+            interval=self.interval,
+        )
+
+    @classmethod
+    def from_cmd(cls, cmd: CmdSubmit) -> Submit:
+        return cls(
+            cmd.seqnum,
+            cmd.devid,
+            int(cmd.direction),
+            cmd.ep,
+            cmd.transfer_flags,
+            cmd.transfer_buffer_length,
+            cmd.start_frame,
+            cmd.number_of_packets,
+            cmd.interval,
+            encode_setup(cmd.setup),
+            cmd.data,
+        )
+
+
+class Ret(NamedTuple):
+    """A RET_SUBMIT as the hot path carries it (devid, direction, ep and the ISO fields
+    are 0, as the Linux server sends them). :meth:`to_ret_submit` gives the dataclass."""
+
+    seqnum: int
+    status: int
+    actual_length: int
+    data: bytes = b""
+
+    def to_ret_submit(self) -> RetSubmit:
+        return RetSubmit(self.seqnum, self.status, self.actual_length, self.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -818,6 +909,37 @@ def parse_urb_header(data: bytes) -> UrbHeader:
             interval=c.interval,
         )
     )
+
+
+_unpack_cmd_submit = CMD_SUBMIT_LAYOUT.unpack_from
+_pack_ret_submit = RET_SUBMIT_LAYOUT.pack
+
+
+def unpack_cmd_submit(buffer: bytes | bytearray) -> tuple[Any, ...] | None:
+    """The first 48 bytes of ``buffer`` as a CMD_SUBMIT header's values in wire order
+    (``CMD_SUBMIT_LAYOUT.names``), or None when they are another command (then
+    :func:`parse_urb_header` judges them). ``buffer`` holds at least 48 bytes."""
+    fields = _unpack_cmd_submit(buffer)
+    return fields if fields[0] == UrbCommand.CMD_SUBMIT else None
+
+
+def encode_ret(ret: Ret) -> bytes:
+    """The bytes of a RET_SUBMIT from the hot path (same bytes as :func:`encode` of
+    ``ret.to_ret_submit()``).
+
+    Raises:
+        UsbipLocalError: a field out of range, or ``data`` not ``actual_length`` long.
+    """
+    seqnum, status, actual_length, data = ret
+    if data and len(data) != actual_length:
+        raise UsbipLocalError("RET_SUBMIT: len(data) != actual_length")
+    try:
+        header = _pack_ret_submit(
+            UrbCommand.RET_SUBMIT, seqnum, 0, 0, 0, status, actual_length, 0, 0, 0
+        )
+    except struct.error as e:
+        raise UsbipLocalError(f"cannot encode RET_SUBMIT: {e}") from e
+    return header + data if data else header
 
 
 def with_payload(message: UrbMessage, payload: bytes) -> UrbMessage:

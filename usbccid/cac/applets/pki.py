@@ -17,6 +17,7 @@ in memory for a software container, on the token for a mirrored one.
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -55,6 +56,13 @@ P1_SIGN_MORE = 0x80
 P1_SIGN_LAST = 0x00
 
 
+@functools.lru_cache(maxsize=256)
+def _compressed(der: bytes) -> bytes:
+    """The certificate as the applet stores it; cached, since every slot holding the same
+    card builds the same applets."""
+    return zlib.compress(der, 9)
+
+
 def pki_aid(index: int) -> bytes:
     return PKI_AID_PREFIX + bytes((index,))
 
@@ -73,7 +81,7 @@ class PkiApplet(BufferApplet):
         der = container.certificate.public_bytes(Encoding.DER)
         items = [
             (TAG_CERTINFO, bytes((CERTINFO_COMPRESSED,))),
-            (TAG_CERTIFICATE, zlib.compress(der, 9)),
+            (TAG_CERTIFICATE, _compressed(der)),
             (TAG_MSCUID, b""),
             (TAG_ERROR_DETECTION_CODE, b""),
         ]

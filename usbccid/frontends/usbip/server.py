@@ -1,7 +1,8 @@
 """The asyncio shell around the sans-IO USB/IP stack: sockets, the clock, threads.
 
-It parses nothing. Per TCP connection it feeds what it reads to an
-:class:`~usbccid.usbip.exporter.ExportConnection`, writes what that returns, runs the jobs
+It parses nothing. Per TCP connection (an :class:`asyncio.Protocol`) it feeds what it
+reads to an :class:`~usbccid.usbip.exporter.ExportConnection`, writes what that returns
+(one write per batch read), pauses reading a peer that does not read, runs the jobs
 it hands out (``run()`` inline, or on a thread when ``job.blocking``; ``finish()`` always
 on the loop) and drives its timer with ``loop.call_at``. A peer that breaks the protocol
 (:class:`UsbipRemoteError`) loses its own connection and nothing else; any other
@@ -13,13 +14,12 @@ Tests (and the pyusb backend) start a server on a free port with :class:`ServerT
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from usbccid.jobs import Job
 from usbccid.usbip.errors import UsbipRemoteError
@@ -29,54 +29,97 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3240  # IANA "usbip"
-READ_SIZE = 1 << 16
+#: the write-buffer marks of each connection's transport: above WRITE_HIGH unsent bytes
+#: (a peer that does not read) the server stops reading that peer, below WRITE_LOW it
+#: reads again. The largest single reply (a 64 KiB CCID message) fits under WRITE_HIGH.
+WRITE_HIGH = 256 * 1024
+WRITE_LOW = 64 * 1024
 
 T = TypeVar("T")
 
 
-class _Peer:
-    """One accepted TCP connection."""
+class _Peer(asyncio.Protocol):
+    """One accepted TCP connection: an :class:`asyncio.Protocol` (no streams, no task).
 
-    def __init__(
-        self,
-        server: UsbipServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+    Each batch of bytes read goes to the stack at once, the inline jobs it made are run,
+    and every reply the batch produced leaves in one ``transport.write``. Back-pressure:
+    when the transport's write buffer passes :data:`WRITE_HIGH` (a peer that does not
+    read), reading from that peer pauses until the buffer drains below
+    :data:`WRITE_LOW`, so what the server holds for it stays bounded; TCP flow control
+    then holds the peer back.
+    """
+
+    def __init__(self, server: UsbipServer) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
-        peername = writer.get_extra_info("peername")
-        self.name = f"{peername[0]}:{peername[1]}" if peername else "?"
-        self.conn: ExportConnection = server.exporter.connect(self.name)
         self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.name = "?"
+        self.conn: ExportConnection | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
-        sock = writer.get_extra_info("socket")
+        self.done: asyncio.Future[None] = self.loop.create_future()
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (a cast, not an isinstance check: uvloop's transports do not derive from asyncio's)
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        server = self.server
+        peername = transport.get_extra_info("peername")
+        host = str(peername[0]) if peername else ""
+        self.name = f"{peername[0]}:{peername[1]}" if peername else "?"
+        if server.allow is not None and not server.allow(host):
+            server.refused += 1
+            log.warning("refused USB/IP connection from %s (not in the allow-list)", host)
+            self.closed = True
+            transport.close()
+            return
+        server.accepted += 1
+        server.peers.add(self)
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             # usbipd and the usbip tool set TCP_NODELAY (usbip_network.c); without it Nagle
             # and delayed ACKs add tens of ms per URB. Keepalive finds half-dead peers that
             # would otherwise keep a device imported forever.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-
-    async def run(self) -> None:
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        self.conn = server.exporter.connect(self.name)
         log.info("%s: connected", self.name)
-        try:
-            while not self.closed:
-                data = await self.reader.read(READ_SIZE)
-                self.guard(self.conn.receive_data, data)
-                if not data or self.closed:
-                    break
-                await self.writer.drain()  # back-pressure: a peer that does not read
-        except ConnectionError as e:
-            log.info("%s: %s", self.name, e)
-        finally:
-            self.close()
-            with contextlib.suppress(ConnectionError):
-                await self.writer.wait_closed()
+
+    def data_received(self, data: bytes) -> None:
+        self.guard(self._receive, data)
+
+    def eof_received(self) -> bool:
+        self.guard(self._receive, b"")
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.conn is not None:
+            log.info("%s: %s", self.name, exc)
+        self.close()
+        if self.conn is not None:
             log.info("%s: closed", self.name)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        # The peer does not read what we write: stop reading what it sends.
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # -- the stack ---------------------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        assert self.conn is not None
+        self.conn.receive_data(data)
 
     def guard(self, call: Callable[..., None], *args: object) -> None:
         """Call into the stack, then flush; any exception closes this connection only."""
@@ -94,22 +137,30 @@ class _Peer:
             self.close()
 
     def flush(self) -> None:
-        """Run due inline jobs, write the pending output, re-arm the timer, maybe close."""
+        """Run due inline jobs, write the pending output at once, re-arm the timer, maybe
+        close."""
+        conn = self.conn
+        assert conn is not None
+        assert self.transport is not None
         self.start_jobs()
-        data = self.conn.data_to_send()
+        data = conn.data_to_send()
         if data:
-            self.writer.write(data)
+            self.transport.write(data)
         self.arm_timer()
-        if self.conn.should_close:
+        if conn.should_close:
             self.close()
 
     def flush_quietly(self) -> None:
+        assert self.conn is not None
+        assert self.transport is not None
         data = self.conn.data_to_send()
-        if data and not self.writer.is_closing():
-            self.writer.write(data)
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
 
     def start_jobs(self) -> None:
-        while not self.closed and (job := self.conn.next_job(self.loop.time())) is not None:
+        conn = self.conn
+        assert conn is not None
+        while not self.closed and (job := conn.next_job(self.loop.time())) is not None:
             if job.blocking:
                 task = self.loop.create_task(self.run_blocking(job))
                 self.tasks.add(task)
@@ -117,7 +168,7 @@ class _Peer:
             else:
                 job.run()
                 job.finish()
-                self.conn.poll()
+                conn.poll()
 
     async def run_blocking(self, job: Job) -> None:
         try:
@@ -132,10 +183,12 @@ class _Peer:
             self.guard(self.finish_job, job)
 
     def finish_job(self, job: Job) -> None:
+        assert self.conn is not None
         job.finish()
         self.conn.poll()
 
     def arm_timer(self) -> None:
+        assert self.conn is not None
         when = self.conn.get_timer()
         if self.timer is not None:
             if when is not None and self.timer.when() == when:
@@ -147,11 +200,13 @@ class _Peer:
 
     def on_timer(self) -> None:
         self.timer = None
+        assert self.conn is not None
         self.guard(self.conn.handle_timer, self.loop.time())
 
     def poke(self) -> None:
         """Re-poll parked URBs after a change made outside the URB stream."""
-        self.guard(self.conn.poll)
+        if self.conn is not None:
+            self.guard(self.conn.poll)
 
     def close(self) -> None:
         if self.closed:
@@ -160,8 +215,10 @@ class _Peer:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.conn.connection_lost()
-        self.writer.close()
+        if self.conn is not None:
+            self.conn.connection_lost()
+        if self.transport is not None:
+            self.transport.close()
         self.server.peers.discard(self)
 
 
@@ -177,36 +234,14 @@ class UsbipServer:
         self.refused = 0  # connections closed at once by ``allow``
         self.peers: set[_Peer] = set()
         self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> tuple[str, int]:
         """Listen; returns the bound (host, port), useful with port 0."""
-        self._server = await asyncio.start_server(self._accept, host, port)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Peer(self), host, port)
         address = self._server.sockets[0].getsockname()
         log.info("USB/IP server listening on %s:%s", address[0], address[1])
         return address[0], address[1]
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        address = writer.get_extra_info("peername")
-        host = str(address[0]) if address else ""
-        if self.allow is not None and not self.allow(host):
-            self.refused += 1
-            log.warning("refused USB/IP connection from %s (not in the allow-list)", host)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-            return
-        self.accepted += 1
-        peer = _Peer(self, reader, writer)
-        self.peers.add(peer)
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-        try:
-            await peer.run()
-        finally:
-            if task is not None:
-                self._handlers.discard(task)
 
     def poke(self) -> None:
         """Re-poll every connection's parked URBs (after a card insertion, say)."""
@@ -221,10 +256,13 @@ class UsbipServer:
         """Stop listening and close every connection."""
         if self._server is not None:
             self._server.close()
-        for peer in list(self.peers):
+        peers = list(self.peers)
+        for peer in peers:
             peer.close()
-        if self._handlers:
-            await asyncio.wait(set(self._handlers), timeout=5)
+        pending = {p.done for p in peers if not p.done.done()}
+        pending |= {t for p in peers for t in p.tasks}
+        if pending:
+            await asyncio.wait(pending, timeout=5)
         if self._server is not None:
             await self._server.wait_closed()
 
