@@ -160,8 +160,12 @@ def parse(ck: Checker, t: Mapping[str, Any], path: KeyPath) -> CardConfig:
         if raw is not None and not needed:
             raise ck.fail((*path, key), f'edges = "{edges}" has no use for {key}')
         if needed and not raw:
-            what = "a CAC container" if key == "containers" else "a PIV key"
-            raise ck.fail((*path, key) if raw is not None else path, f"the card needs {what}")
+            what = (
+                "a card needs at least one container"
+                if key == "containers"
+                else ("a PIV card needs at least one key")
+            )
+            raise ck.fail((*path, key) if raw is not None else path, what)
     containers = tuple(
         _container(ck, c, (*path, "containers", i)) for i, c in enumerate(containers_raw or [])
     )
