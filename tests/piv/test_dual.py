@@ -6,8 +6,7 @@
   byte, except where the client SELECTs the PIV AID (a CAC answers ``6A 82``, the dual
   card its PIV application) -- so the CAC edge is unchanged;
 * switching edges loses the security status; a PIN or PUK changed on one edge is the
-  other's too; the CCC through PIV is the CAC's, which makes OpenSC's PIV driver call the
-  card a dual CAC/PIV card.
+  other's too; the CCC through PIV is a PIV one (see usbccid.piv.dual).
 """
 
 from __future__ import annotations
@@ -124,21 +123,17 @@ def test_one_pin_for_both_edges() -> None:
     assert again.verify(PIN) == 0x9000
 
 
-def test_piv_ccc_is_the_cacs() -> None:
+def test_piv_ccc_is_a_piv_one() -> None:
+    # Not the CAC's: OpenSC would take the card for an SP 800-73-1 era dual CAC/PIV and
+    # switch off what such cards lack (random numbers, the Discovery Object...).
     card = dual()
     s = Session(card)
     s.select(PIV_AID)
-    body = tlv.parse_one(s.get_data(0x5FC107).data, 0x53)
-    entries = parse_simple_tlv(body)
+    entries = parse_simple_tlv(tlv.parse_one(s.get_data(0x5FC107).data, 0x53))
     f0 = dict(entries)[0xF0]
-    assert len(f0) == 0x15  # OpenSC: PIV_CCC_F0_CAC
-    assert f0[:5] == h("A0 00 00 00 79")
-    urls = [v for t, v in entries if t == 0xF3]
-    assert len(urls) == 3
-    assert all(len(u) == 0x10 and u[:6] == h("A0 00 00 00 79 04") for u in urls)  # CAC PKI
-    # ...the same content the CAC's own CCC buffers hold
-    s.select(h("A0 00 00 01 16 DB 00"))
-    assert active(card) is Edge.CAC
+    assert f0[:5] == h("A0 00 00 03 08")  # OpenSC: PIV_CCC_F0_PIV
+    assert f0[-14:] == CAC.card_id[-14:]  # the card's one ID
+    assert not [v for t, v in entries if t == 0xF3 and v[:6] == h("A0 00 00 00 79 04")]
 
 
 def test_power_cycle_starts_on_the_cac_edge() -> None:

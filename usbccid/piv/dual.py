@@ -15,25 +15,24 @@ the PIN state, which the other edge may have changed: the PIV edge reloads it, t
 edge is a fresh :class:`CacCard` (which loads it when made). A SELECT that fails switches
 nothing.
 
-Through PIV GET DATA the Card Capability Container is the CAC's (as on dual CAC/PIV
-cards): OpenSC's PIV driver reads its CAC card identifier and PKI CardURLs and so treats
-the card as a dual CAC/PIV card.
+Through PIV GET DATA the Card Capability Container is a PIV one (the card ID is the same).
+Dual cards of the SP 800-73-1 era showed the CAC's CCC there, and OpenSC's PIV driver,
+finding CAC PKI CardURLs in it, calls such a card ``PIV_II_*_DUAL_CAC`` and works around
+their PIV applets' gaps (card-piv.c ``piv_match_card_continued``: no random numbers, no
+Discovery Object, VERIFY status unusable). Our PIV edge is a full SP 800-73-4 one, so its
+CCC lets OpenSC use all of it.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import replace
 from enum import Enum
 
 from usbccid.cac.apdu import CommandApdu
-from usbccid.cac.applets.ccc import CccApplet
-from usbccid.cac.applets.pki import pki_aid
-from usbccid.cac.card import ATR_VCARD_NSS, MIN_PKI_APPLETS, CacCard
+from usbccid.cac.card import ATR_VCARD_NSS, CacCard
 from usbccid.cac.errors import ApduFormatError
 from usbccid.cac.profile import CardProfile, PinStateStore
-from usbccid.cac.tlv import parse_tl, simple_tlv
 from usbccid.piv.application import INS_SELECT
 from usbccid.piv.card import PivCard
 from usbccid.piv.objects import PIV_AID, PIV_AID_SHORT
@@ -62,19 +61,6 @@ ROUTES: dict[tuple[Edge, Kind], tuple[Edge, bool]] = {
 }
 
 
-def cac_ccc_content(profile: CardProfile) -> bytes:
-    """The simple-TLV entries of the CAC's Card Capability Container, T and V rejoined."""
-    n = max(len(profile.containers), MIN_PKI_APPLETS)
-    applet = CccApplet(profile.card_id, [pki_aid(i) for i in range(n)])
-    values = applet.v_file[2:]
-    out = bytearray()
-    offset = 0
-    for tag, length in parse_tl(applet.t_file[2:]):
-        out += simple_tlv(tag, values[offset : offset + length])
-        offset += length
-    return bytes(out)
-
-
 def _succeeded(response: bytes) -> bool:
     return response[-2:] == b"\x90\x00" or response[-2:-1] == b"\x61"
 
@@ -93,8 +79,6 @@ class DualCard:
     ) -> None:
         if piv.card_id != cac.card_id or piv.pin_policy != cac.pin_policy:
             raise ValueError("both edges are one card: one card ID, one PIN")
-        if piv.ccc is None:
-            piv = replace(piv, ccc=cac_ccc_content(cac))
         self.atr = atr
         self._cac_args = (cac, pin_store, atr, random_bytes)
         self.cac = self._new_cac()

@@ -223,7 +223,7 @@ def card_objects(profile: PivProfile) -> Mapping[int, bytes]:
     expires = min(s.certificate.not_valid_after_utc for s in profile.slots)
     holder = profile.slot(0x9A) or profile.slots[0]
     objects = {
-        TAG_CCC: ccc(profile.ccc if profile.ccc is not None else ccc_content(profile.card_id)),
+        TAG_CCC: ccc(ccc_content(profile.card_id)),
         TAG_CHUID: chuid(profile.card_id, expires),
         TAG_DISCOVERY: discovery(),
         TAG_KEY_HISTORY: key_history(profile.retired_count),

@@ -63,17 +63,11 @@ class PivSlot:
 
 @dataclass(frozen=True)
 class PivProfile:
-    """Everything that defines one PIV card application.
-
-    ``ccc`` is the simple-TLV content of the Card Capability Container, when the card has
-    one already (a card with a CAC edge shows the CAC's CCC through PIV too, as dual
-    CAC/PIV cards do); None builds a PIV one from ``card_id``.
-    """
+    """Everything that defines one PIV card application."""
 
     card_id: bytes
     slots: tuple[PivSlot, ...]
     pin_policy: PinPolicy
-    ccc: bytes | None = None
 
     def __post_init__(self) -> None:
         refs = [s.ref for s in self.slots]
