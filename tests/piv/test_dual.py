@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import itertools
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from tests.cac.conftest import make_profile as make_cac_profile
 from tests.cac.test_traces import SECTIONS
 from tests.piv.conftest import PIN, PUK, counting_random, slot
 from tests.piv.helpers import PIV_AID, Session, apdu, h, pad
+from tests.piv.test_stateful import check_response
 from usbccid.cac.card import ATR_VCARD_NSS, CacCard
 from usbccid.cac.profile import CardProfile, MemoryPinStateStore
 from usbccid.cac.tlv import parse_simple_tlv
@@ -154,3 +158,27 @@ def test_both_edges_share_one_card_id_and_pin() -> None:
         pass
     else:
         raise AssertionError("a dual card of two card IDs")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=270),
+            st.sampled_from(
+                [
+                    apdu(0, 0xA4, 0x04, 0x00, PIV_AID, 256),
+                    apdu(0, 0xA4, 0x04, 0x00, PKI0, 256),
+                    apdu(0, 0x20, 0x00, 0x80, pad(PIN)),
+                    apdu(0, 0x20, 0x00, 0x00, pad(PIN)),
+                    h("00 C0 00 00 00"),
+                ]
+            ),
+        ),
+        max_size=10,
+    )
+)
+def test_garbage_on_either_edge_gets_only_status_words(commands: list[bytes]) -> None:
+    card = dual()
+    for command in commands:
+        check_response(card.transmit(command))

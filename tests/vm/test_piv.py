@@ -11,8 +11,12 @@ bus id  card                                         used for
 1-2     ``dual``: CAC (3 x RSA-2048) + PIV (4 x      signatures (9C: PIN Always), 9E without
         RSA-2048), one PIN                           a PIN, decryption, ``pkcs11-tool --test``
 1-3     ``p256``: PIV, all keys ECC P-256            ECDSA (DER checked on the host), ECDH
-1-4     ``p384``: PIV, all keys ECC P-384            key agreement, ``pkcs11-tool --test``
+1-4     ``p384``: PIV, all keys ECC P-384, and       key agreement, ``pkcs11-tool --test``;
+        a retired key management key (82)            the retired key through Key History
 1-5     ``lock``: PIV, P-256                         wrong PINs, lock, PUK unblock
+1-6     ``sizes``: 9A RSA-4096, 9C RSA-1024,         RSA-4096 through pyscard (chained
+        9D RSA-3072, 9E RSA-2048                     command, answer in 61xx pieces), the
+                                                     others through OpenSC
 ======  ===========================================  =====================================
 
 Results come back as hex on stdout and are checked on the host with ``cryptography``
@@ -57,8 +61,9 @@ CARDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("rsa", "1-1", ("--piv",)),
     ("dual", "1-2", ("--edges", "cac+piv")),
     ("p256", "1-3", ("--piv", "--key-type", "p256")),
-    ("p384", "1-4", ("--piv", "--key-type", "p384")),
+    ("p384", "1-4", ("--piv", "--key-type", "p384", "--retired", "1")),
     ("lock", "1-5", ("--piv", "--key-type", "p256", "--tries", "3")),
+    ("sizes", "1-6", ("--piv", "--key-type", "rsa4096,rsa1024,rsa3072,rsa2048")),
 )
 #: OpenSC's PKCS#11 IDs of the PIV keys (pkcs15-piv.c), and the key references they are in.
 IDS = {"01": "9a", "02": "9c", "03": "9d", "04": "9e"}
@@ -286,8 +291,18 @@ pkcs11-tool {login} --sign --mechanism ECDSA-SHA256 --signature-format openssl -
 pkcs11-tool {login} --derive -m ECDH1-DERIVE --id 03 -i {peer} -o /tmp/z \\
     && emit {card}_ecdh "$(hex /tmp/z)"
 echo '--- {card} test'; pkcs11-tool --test --login --pin {PIN}; emit {card}_test_rc $?
+emit {card}_certs "$(pkcs15-tool -D 2>/dev/null | grep -c 'X.509 Certificate \\[')"
 """
         )
+    retired = piv_server.certificate("p384", "82").public_key()
+    assert isinstance(retired, ec.EllipticCurvePublicKey)
+    script += f"""
+pkcs15-tool -D | grep -q 'X.509 Certificate \\[Retired Certificate for Key Management 1\\]'
+emit retired_listed $?
+pkcs11-tool -r --type cert --id 05 -o /tmp/r.der && emit retired_cert "$(hex /tmp/r.der)"
+pkcs11-tool --login --pin {PIN} --derive -m ECDH1-DERIVE --id 05 \
+    -i /share/files/ecdh-peer-p384.der -o /tmp/z5 && emit retired_ecdh "$(hex /tmp/z5)"
+"""
     r, v = _run(vm_guest, script, timeout=480)
     for card in ("p256", "p384"):
         assert v.get(f"{card}_name") == "Personal Identity Verification Card", r
@@ -305,6 +320,11 @@ echo '--- {card} test'; pkcs11-tool --test --login --pin {PIN}; emit {card}_test
         assert v.get(f"{card}_ecdh") == expected.hex(), r
         assert v.get(f"{card}_test_rc") == "0", r
         assert "No errors" in r.stdout.split(f"--- {card} test", 1)[1], r
+    assert v.get("p256_certs") == "4", r
+    assert v.get("p384_certs") == "5", r  # the Key History object says: one retired key
+    assert v.get("retired_listed") == "0", r
+    assert v.get("retired_cert") == piv_server.der("p384", "82").hex(), r
+    assert v.get("retired_ecdh") == peers["p384"].exchange(ec.ECDH(), retired).hex(), r
 
 
 def test_wrong_pin_locks_and_the_puk_unblocks(vm_guest: Guest, piv_server: PivServer) -> None:
@@ -370,3 +390,85 @@ pkcs15-tool --change-pin --pin 135792 --new-pin {PIN} </dev/null; emit back_rc $
     assert v.get("change_rc") == "0", r
     assert v.get("cac_login_rc") == "0", r
     assert v.get("back_rc") == "0", r
+
+
+# pyscard signing with the RSA-4096 key 9A (algorithm 16) as OpenSC's piv_general_io would
+# send it: the 522-byte template in chained CLA 10 pieces, the 520-byte answer in 61xx
+# pieces; and once as one extended APDU. PC/SC -> libccid -> usbip -> CCID -> card.
+PYSCARD_4096 = r"""
+import sys
+from smartcard.System import readers
+
+reader = next(r for r in readers() if "usbccid sizes]" in str(r))
+conn = reader.createConnection()
+conn.connect()
+
+
+def send(apdu):
+    data, sw1, sw2 = conn.transmit(list(apdu))
+    return bytes(data), sw1 << 8 | sw2
+
+
+block = bytes.fromhex(sys.argv[1])
+template = bytes.fromhex("7c820206820081820200") + block
+print("@@select=%04x" % send(bytes.fromhex("00a4040009a0000003080000100000"))[1])
+print("@@verify=%04x" % send(bytes.fromhex("0020008008") + sys.argv[2].encode())[1])
+steps = []
+rest = template
+while len(rest) > 255:
+    steps.append(send(b"\x10\x87\x16\x9a\xff" + rest[:255])[1])
+    rest = rest[255:]
+data, sw = send(b"\x00\x87\x16\x9a" + bytes([len(rest)]) + rest + b"\x00")
+steps.append(sw)
+while sw >> 8 == 0x61:
+    more, sw = send(bytes.fromhex("00c00000") + bytes([sw & 0xFF]))
+    data += more
+    steps.append(sw)
+print("@@steps=" + ",".join("%04x" % s for s in steps))
+print("@@chained=" + data.hex())
+send(bytes.fromhex("0020008008") + sys.argv[2].encode())
+ext = b"\x00\x87\x16\x9a\x00" + len(template).to_bytes(2, "big") + template + b"\x00\x00"
+data, sw = send(ext)
+print("@@ext_sw=%04x" % sw)
+print("@@extended=" + data.hex())
+"""
+
+
+def test_rsa_1024_to_4096(vm_guest: Guest, piv_server: PivServer) -> None:
+    """RSA-4096 (9A) through pyscard; RSA-1024 (9C) and RSA-3072 (9D) through OpenSC."""
+    message = b"usbccid: PIV RSA of every size"
+    digest = hashlib.sha256(message).digest()
+    info = bytes.fromhex("3031300d060960864801650304020105000420") + digest
+    block = b"\x00\x01" + b"\xff" * (512 - len(info) - 3) + b"\x00" + info
+    script = vm_guest.put_file("piv_4096.py", PYSCARD_4096)
+    msg = vm_guest.put_file("sizes-msg.bin", message)
+    secret = b"for the RSA-3072 key management key"
+    enc = vm_guest.put_file(
+        "sizes-enc.bin", piv_server.rsa_key("sizes", "9d").encrypt(secret, padding.PKCS1v15())
+    )
+    r, v = _run(
+        vm_guest,
+        piv_server.attach("sizes")
+        + f"""
+python3 {script} {block.hex()} {PIN}
+pkcs11-tool --login --pin {PIN} --sign --mechanism SHA256-RSA-PKCS --id 02 -i {msg} \
+    -o /tmp/s1024 && emit sig1024 "$(hex /tmp/s1024)"
+pkcs11-tool --login --pin {PIN} --decrypt --mechanism RSA-PKCS --id 03 -i {enc} \
+    -o /tmp/d3072 && emit dec3072 "$(hex /tmp/d3072)"
+""",
+        timeout=300,
+    )
+    assert (v.get("select"), v.get("verify"), v.get("ext_sw")) == ("9000", "9000", "9000"), r
+    # three chained pieces (255 + 255 + 12 bytes), then 256 + 256 + 8 answer bytes
+    assert v.get("steps") == "9000,9000,6100,6108,9000", r
+    answer = bytes.fromhex(v["chained"])
+    assert answer[:8] == bytes.fromhex("7c82020482820200"), r
+    piv_server.rsa_key("sizes", "9a").verify(
+        answer[8:], message, padding.PKCS1v15(), hashes.SHA256()
+    )
+    assert v.get("extended") == v["chained"], r
+    assert piv_server.rsa_key("sizes", "9a").key_size == 4096
+    piv_server.rsa_key("sizes", "9c").verify(
+        bytes.fromhex(v["sig1024"]), message, padding.PKCS1v15(), hashes.SHA256()
+    )
+    assert v.get("dec3072") == secret.hex(), r

@@ -12,9 +12,10 @@
 What is never logged (:class:`Redactor`):
 
 * the data of VERIFY (INS 20), CHANGE REFERENCE DATA (24) and RESET RETRY COUNTER (2C):
-  PINs and unblock codes;
+  PINs and unblock codes (the CAC's global PIN, and the PIV PIN 80 and PUK 81 alike);
 * the data of the key operations, in both directions: the CAC/GSC-IS private key
-  operation (INS 42, "SIGN/DECRYPT"), GENERAL AUTHENTICATE (87), PERFORM SECURITY
+  operation (INS 42, "SIGN/DECRYPT"), GENERAL AUTHENTICATE (87: PIV signatures,
+  decryptions, ECDH, chained or not), PERFORM SECURITY
   OPERATION (2A) and INTERNAL AUTHENTICATE (88) -- plaintexts, signatures, decrypted
   session keys -- including what comes back through GET RESPONSE (C0) after a ``61 xx``.
 
