@@ -22,7 +22,7 @@ from usbccid.ccid.wire import IccPowerOn, XfrBlock, build_command
 from usbccid.usbip import wire
 
 FUZZ_DIR = Path(__file__).resolve().parent.parent / "scripts" / "fuzz"
-TARGETS = ("usbip", "ccid", "cac", "vpcd", "vscard", "pinpad")
+TARGETS = ("usbip", "ccid", "cac", "vpcd", "vscard", "pinpad", "piv")
 
 
 class Target(Protocol):
@@ -112,6 +112,14 @@ REGRESSIONS: dict[str, list[tuple[str, bytes]]] = {
             "a Secure the driver never saw before the end (no deadline yet)",
             bytes([0, 0, 0, 3, 0x00, 0x1E, 0x82, 0]),
         ),
+    ],
+    "piv": [
+        ("empty APDU to the dual card", b"\x02"),
+        (
+            "GET RESPONSE after a chain piece",
+            b"\x01\x00\x05\x10\x87\x06\x9a\x00\x00\x05\x00\xc0\x00\x00\x00",
+        ),
+        ("SELECT PIV then a CAC READ BUFFER on the dual card", b"\x03\x01\x00\x01\x12"),
     ],
     "cac": [
         ("empty APDU", b"\x00"),

@@ -1,6 +1,6 @@
 """The package's layering, checked on the source: no arrow runs back up.
 
-Protocol layers (usbip, ccid, cac) are sans-IO and know nothing of the program around
+Protocol layers (usbip, ccid, cac, piv) are sans-IO and know nothing of the program around
 them; card sources know no front end and front ends no card source; only ``usbccid.tool``
 (and the public ``usbccid.testing``) knows them all (docs/architecture.md).
 """
@@ -16,15 +16,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "usbccid"
 
 #: package -> the usbccid packages it must never import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "usbip": ("ccid", "cac", "cards", "frontends", "tool", "host", "testing"),
-    "ccid": ("cac", "cards", "frontends", "tool", "host", "testing"),
-    "cac": ("usbip", "ccid", "cards", "frontends", "tool", "host", "testing"),
+    "usbip": ("ccid", "cac", "piv", "cards", "frontends", "tool", "host", "testing"),
+    "ccid": ("cac", "piv", "cards", "frontends", "tool", "host", "testing"),
+    "cac": ("usbip", "ccid", "piv", "cards", "frontends", "tool", "host", "testing"),
+    "piv": ("usbip", "ccid", "cards", "frontends", "tool", "host", "testing"),
     "cards": ("frontends", "host", "testing", "tool.app", "tool.cli", "tool.config"),
     "frontends": ("cards", "host", "testing", "tool.app", "tool.cli"),
-    "host": ("usbip", "ccid", "cac", "cards", "frontends", "tool", "testing"),
+    "host": ("usbip", "ccid", "cac", "piv", "cards", "frontends", "tool", "testing"),
 }
 #: sans-IO: the protocol layers touch no I/O, threads or clock
-SANS_IO = ("usbip", "ccid", "cac")
+SANS_IO = ("usbip", "ccid", "cac", "piv")
 IO_MODULES = ("asyncio", "socket", "threading", "time", "selectors", "subprocess")
 
 

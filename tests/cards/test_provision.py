@@ -752,7 +752,9 @@ def set_path(key: str, value: object) -> Callable[[dict[str, object]], None]:
         (set_path("label", 7), "'label'"),
         (lambda m: m.update(card_id="zz"), "not hex"),
         (lambda m: m.update(card_id=""), "empty"),
-        (lambda m: m.update(version=2), "version"),
+        (lambda m: m.update(version=3), "version"),
+        (lambda m: m.update(version=2), "'edges'"),  # version 2 is a card with PIV edges
+        (lambda m: m.update(version=2, edges="piv", piv_slots=[]), "no CAC containers"),
         (lambda m: m.update(format="other"), "not a usbccid card manifest"),
         (lambda m: m.update(containers=[]), "1 to 16"),
         (

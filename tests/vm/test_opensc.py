@@ -20,6 +20,12 @@ bus id  card                                                    used for
                                                                 containers
 ======  ======================================================  ==========================
 
+Every test runs twice: on these cards as plain CACs (``cac``), and as ``cac+piv`` cards
+(``usbccid card new --edges cac+piv``: the same CAC applets beside a PIV application,
+one PIN) with OpenSC told to use its ``cac`` driver (``OPENSC_DRIVER=cac``; left alone it
+picks ``PIV-II``, which tests/vm/test_piv.py exercises). coolkey knows no PIV and needs
+no telling.
+
 The guest attaches one reader per test (``vm_guest`` detaches it afterwards). Signatures
 and decrypted data come back as hex on stdout and are checked on the host with
 ``cryptography`` against the certificates ``usbccid card new`` wrote, which must equal the
@@ -115,6 +121,7 @@ class CacServer:
     state_dir: Path
     proc: subprocess.Popen[bytes]
     log: Path
+    edges: str = "cac"
 
     def certificate(self, card: str, index: int) -> x509.Certificate:
         pem = (self.state_dir / "cards" / card / f"container-{index:02d}.cert.pem").read_bytes()
@@ -136,22 +143,28 @@ class CacServer:
     def attach(self, card: str) -> str:
         """Shell lines that attach ``card``'s reader and wait until pcscd sees the card."""
         busid = next(b for name, b, _ in CARDS if name == card)
-        return (
+        # A cac+piv card: OpenSC's cac driver, not PIV-II (which comes first in its list).
+        driver = "export OPENSC_DRIVER=cac\n" if self.edges == "cac+piv" else ""
+        return driver + (
             f"usbip --tcp-port {self.port} attach -r {HOST} -b {busid} >/dev/null || exit 90\n"
             f"wait-for 60 sh -c 'opensc-tool -l 2>/dev/null | grep -q \"Yes .*usbccid {card}]\"'"
             " || exit 91\n"
         )
 
 
-@pytest.fixture(scope="module")
-def cac_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacServer]:
+@pytest.fixture(scope="module", params=["cac", "cac+piv"])
+def cac_server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[CacServer]:
+    edges: str = request.param
     base = tmp_path_factory.mktemp("cac")
     state = base / "state"
     cli = _usbccid()
     config = ["[server]", 'host = "127.0.0.1"', "port = 0", ""]
     for name, _busid, extra in CARDS:
         subprocess.run(
-            [*cli, "card", "new", "--state-dir", str(state), "--name", name, "-q", *extra],
+            [*cli, "card", "new", "--state-dir", str(state), "--name", name, "-q", *extra]
+            + (["--edges", edges] if edges != "cac" else []),
             check=True,
             capture_output=True,
             timeout=300,
@@ -190,7 +203,7 @@ def cac_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacServer]:
             time.sleep(0.1)
         m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
         assert m, log.read_text()
-        yield CacServer(int(m.group(1)), state, proc, log)
+        yield CacServer(int(m.group(1)), state, proc, log, edges)
     finally:
         proc.terminate()
         try:

@@ -115,6 +115,9 @@ class PinState:
     pin: bytes
     tries_left: int
     unblock_tries_left: int
+    #: the unblock code once changed on the card (PIV CHANGE REFERENCE DATA of the PUK);
+    #: None: still the policy's
+    unblock_code: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Cards made from certificate and key files (``[[reader.slot]]`` with ``containers``).
 
 Each container is a certificate with its RSA key as PEM/DER files, or one PKCS#12 file
-(``usbccid.cards.provision.load_container`` reads them). The PIN state is kept in
+(``usbccid.cards.keys.load_container`` reads them); each PIV key the same, RSA or EC
+(``load_piv_slot``). The PIN state is kept in
 ``<state>/pin-state/<card id>.json``, the card ID being ``card_id`` from the configuration
 or else derived from the certificates, so the same files give the same card (and the same
 PIN state) across restarts.
@@ -17,16 +18,18 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 
 from usbccid.cac.profile import CardProfile, Container
-from usbccid.cards.cac import CardConfig, CertKeyFiles, Pkcs12File
-from usbccid.cards.keys import load_container
+from usbccid.cards.cac import CardConfig, CertKeyFiles, PivKeyFiles, Pkcs12File
+from usbccid.cards.keys import load_container, load_piv_slot
+from usbccid.cards.piv import EmulatedPiv, describe, emulated
 from usbccid.cards.provision import CARD_ID_LENGTH, ProvisionError, container_label, make_pin_policy
-from usbccid.cards.source import CardLoadError, EmulatedCac, plural
+from usbccid.cards.source import CardLoadError, EmulatedCac
 from usbccid.cards.store import FilePinStateStore
+from usbccid.piv.profile import PivSlot
 
 PIN_STATE_DIR = "pin-state"
 
 
-def load(config: CardConfig, state_dir: Path, now: datetime) -> EmulatedCac:
+def load(config: CardConfig, state_dir: Path, now: datetime) -> EmulatedCac | EmulatedPiv:
     """The card ``config``'s files describe.
 
     Raises:
@@ -34,6 +37,7 @@ def load(config: CardConfig, state_dir: Path, now: datetime) -> EmulatedCac:
         usbccid.cards.store.StateError: the PIN state file is unusable.
     """
     containers = [_container(index, source) for index, source in enumerate(config.containers)]
+    piv_slots = tuple(_piv_key(entry) for entry in config.piv)
     pin = config.pin
     try:
         policy = make_pin_policy(
@@ -49,15 +53,36 @@ def load(config: CardConfig, state_dir: Path, now: datetime) -> EmulatedCac:
         digest = hashlib.sha256()
         for c in containers:
             digest.update(c.certificate.fingerprint(hashes.SHA256()))
+        for slot in piv_slots:  # a CAC's card ID stays what it was before PIV existed
+            digest.update(bytes((slot.ref,)) + slot.certificate.fingerprint(hashes.SHA256()))
         card_id = digest.digest()[:CARD_ID_LENGTH]
     profile = CardProfile(card_id=card_id, containers=tuple(containers), pin_policy=policy)
     store = FilePinStateStore(_pin_state_path(state_dir, card_id))
     store.load()  # a corrupt file stops us now, not in the middle of an APDU
-    return EmulatedCac(
-        profile=profile,
-        pin_store=store,
-        description=f"card from files ({plural(len(containers), 'container')})",
-    )
+    what = describe(config.edges, len(containers), len(piv_slots))
+    return emulated(profile, piv_slots, config.edges, store, f"card from files ({what})")
+
+
+def _piv_key(entry: PivKeyFiles) -> PivSlot:
+    source = entry.source
+    try:
+        if isinstance(source, CertKeyFiles):
+            return load_piv_slot(
+                _read(source.cert, source.origin),
+                _read(source.key, source.origin),
+                ref=entry.ref,
+                passphrase=_passphrase(source),
+                source=str(source.cert),
+                key_source=str(source.key),
+            )
+        return load_piv_slot(
+            _read(source.path, source.origin),
+            ref=entry.ref,
+            passphrase=_passphrase(source),
+            source=str(source.path),
+        )
+    except ProvisionError as exc:
+        raise CardLoadError(f"{source.origin}: {exc}") from None
 
 
 def _container(index: int, source: CertKeyFiles | Pkcs12File) -> Container:

@@ -7,6 +7,11 @@
 validate. The labels are the ones OpenSC's CAC driver gives the first three PKI applets
 (its ``cac_labels[]``); further containers get its generic "CAC Cert <n>" labels.
 
+A card with a PIV edge (:attr:`CardSpec.edges`) gets PIV keys from the same CA
+(:func:`default_piv_spec`): 9A PIV Authentication, 9C Digital Signature, 9D Key Management,
+9E Card Authentication and optionally retired key management keys, RSA or EC
+(P-256, P-384), with the usages of :func:`piv_usage`.
+
 These are test cards: the CA certificate says TEST in its name, and its private key is
 thrown away once the containers are issued, so trusting ``ca.pem`` on a host cannot let
 anyone mint further certificates under it.
@@ -22,14 +27,18 @@ from enum import Enum
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from usbccid.cac.profile import CardProfile, Container, PinPolicy
 from usbccid.cards.provision import (
     DEFAULT_BACKDATE,
+    DEFAULT_EDGES,
+    DEFAULT_PIV_KEY_TYPE,
     DEFAULT_VALIDITY,
+    EDGES,
     MAX_CONTAINERS,
+    PIV_KEY_TYPES,
     SUPPORTED_KEY_SIZES,
     KeyFactory,
     ProvisionError,
@@ -40,6 +49,8 @@ from usbccid.cards.provision import (
     new_card_id,
     validate_pin_policy,
 )
+from usbccid.piv.keys import PivPrivateKey
+from usbccid.piv.profile import SLOT_ORDER, PivSlot
 
 # --------------------------------------------------------------------------------------
 # Generating a test card
@@ -69,6 +80,7 @@ def _key_usage(
     content_commitment: bool = False,
     key_encipherment: bool = False,
     data_encipherment: bool = False,
+    key_agreement: bool = False,
     key_cert_sign: bool = False,
     crl_sign: bool = False,
 ) -> x509.KeyUsage:
@@ -77,7 +89,7 @@ def _key_usage(
         content_commitment=content_commitment,  # X.509's renamed nonRepudiation bit
         key_encipherment=key_encipherment,
         data_encipherment=data_encipherment,
-        key_agreement=False,
+        key_agreement=key_agreement,
         key_cert_sign=key_cert_sign,
         crl_sign=crl_sign,
         encipher_only=False,
@@ -121,9 +133,22 @@ class ContainerSpec:
 
 
 @dataclass(frozen=True)
+class PivSlotSpec:
+    """How to make one PIV key: its key reference, key type (``PIV_KEY_TYPES``), subject,
+    SAN entries. Its certificate's usages follow the key reference (usbccid.cards.piv)."""
+
+    ref: int
+    key_type: str
+    subject: x509.Name
+    email: str | None = None
+    upn: str | None = None
+
+
+@dataclass(frozen=True)
 class CardSpec:
     """How to make a whole card. Build one with :func:`default_card_spec` and adjust it
-    with :func:`dataclasses.replace`."""
+    with :func:`dataclasses.replace`. ``edges`` says which card edges it answers
+    (``EDGES``); a card with a PIV edge has ``piv`` keys, one with a CAC edge containers."""
 
     containers: tuple[ContainerSpec, ...]
     ca_subject: x509.Name
@@ -131,15 +156,21 @@ class CardSpec:
     validity: timedelta = DEFAULT_VALIDITY
     backdate: timedelta = DEFAULT_BACKDATE
     pin_policy: PinPolicy = field(default_factory=make_pin_policy)
+    piv: tuple[PivSlotSpec, ...] = ()
+    edges: str = DEFAULT_EDGES
 
 
 @dataclass(frozen=True)
 class ProvisionedCard:
     """A card profile plus the CA certificate that issued its certificates, when known
-    (generated cards always have one; imported cards may not)."""
+    (generated cards always have one; imported cards may not). A card with a PIV edge
+    (``edges`` "piv" or "cac+piv") has its PIV keys in ``piv_slots``; a PIV-only card's
+    ``profile`` has no containers (its card ID and PIN policy are the card's)."""
 
     profile: CardProfile
     ca_certificate: x509.Certificate | None = None
+    piv_slots: tuple[PivSlot, ...] = ()
+    edges: str = DEFAULT_EDGES
 
 
 def _edipi(card_id: bytes) -> str:
@@ -289,8 +320,7 @@ def generate_card(
         raise ProvisionError("the card ID must not be empty")
     if spec is None:
         spec = default_card_spec(card_id)
-    if not 1 <= len(spec.containers) <= MAX_CONTAINERS:
-        raise ProvisionError(f"a card holds 1 to {MAX_CONTAINERS} containers")
+    check_edges(spec.edges, len(spec.containers), len(spec.piv))
     _check_key_size(spec.ca_key_size, "CA")
     for container_spec in spec.containers:
         _check_key_size(container_spec.key_size, repr(container_spec.label))
@@ -365,5 +395,148 @@ def generate_card(
         containers.append(
             Container(label=container_spec.label, certificate=certificate, private_key=key)
         )
+    piv_slots = tuple(
+        _issue_piv(
+            slot_spec, spec.ca_subject, ca_key, ca_ski, not_before, not_after, random, new_key
+        )
+        for slot_spec in spec.piv
+    )
     profile = CardProfile(card_id=card_id, containers=tuple(containers), pin_policy=pin_policy)
-    return ProvisionedCard(profile=profile, ca_certificate=ca_certificate)
+    return ProvisionedCard(
+        profile=profile, ca_certificate=ca_certificate, piv_slots=piv_slots, edges=spec.edges
+    )
+
+
+def check_edges(edges: str, containers: int, piv_slots: int) -> None:
+    """ProvisionError unless ``edges`` is known and the card has what its edges need."""
+    if edges not in EDGES:
+        raise ProvisionError(f"unknown card edges {edges!r}; use one of {', '.join(EDGES)}")
+    if "cac" in edges.split("+"):
+        if not 1 <= containers <= MAX_CONTAINERS:
+            raise ProvisionError(f"a CAC holds 1 to {MAX_CONTAINERS} containers")
+    elif containers:
+        raise ProvisionError("a card without a CAC edge has no CAC containers")
+    if "piv" in edges.split("+"):
+        if not piv_slots:
+            raise ProvisionError("a PIV card needs at least one key")
+    elif piv_slots:
+        raise ProvisionError("a card without a PIV edge has no PIV keys")
+
+
+def new_piv_key(key_type: str, new_key: KeyFactory = generate_rsa_key) -> PivPrivateKey:
+    """A fresh key of ``key_type`` (``PIV_KEY_TYPES``: rsaBITS, p256, p384)."""
+    if key_type not in PIV_KEY_TYPES:
+        raise ProvisionError(
+            f"PIV key type {key_type!r} not supported; use one of {', '.join(PIV_KEY_TYPES)}"
+        )
+    if key_type == "p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    return _new_key(new_key, int(key_type.removeprefix("rsa")))
+
+
+def piv_usage(
+    ref: int, key: PivPrivateKey
+) -> tuple[x509.KeyUsage, tuple[x509.ObjectIdentifier, ...]]:
+    """keyUsage and extKeyUsage of the certificate in key reference ``ref`` (FIPS 201-3
+    §4.2.2, and the X.509 Certificate and CRL Profile for the PIV: PIV Authentication and
+    Card Authentication sign only, Digital Signature signs with nonRepudiation, Key
+    Management decrypts (RSA: keyEncipherment) or agrees (EC: keyAgreement)). OpenSC takes
+    the PKCS#11 key flags from these (pkcs15-piv.c), so they are visible to clients."""
+    if ref in (0x9A, 0x9E):
+        ekus = (
+            (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SMARTCARD_LOGON)
+            if ref == 0x9A
+            else (_PIV_CARD_AUTH_EKU,)
+        )
+        return _key_usage(digital_signature=True), ekus
+    if ref == 0x9C:
+        return _key_usage(digital_signature=True, content_commitment=True), (
+            ExtendedKeyUsageOID.EMAIL_PROTECTION,
+        )
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return _key_usage(key_agreement=True), (ExtendedKeyUsageOID.EMAIL_PROTECTION,)
+    return _key_usage(key_encipherment=True), (ExtendedKeyUsageOID.EMAIL_PROTECTION,)
+
+
+#: id-PIV-cardAuth (FIPS 201-3, the PIV Certificate Profile): the Card Authentication EKU.
+_PIV_CARD_AUTH_EKU = x509.ObjectIdentifier("2.16.840.1.101.3.6.8")
+
+
+def _issue_piv(
+    slot_spec: PivSlotSpec,
+    ca_subject: x509.Name,
+    ca_key: rsa.RSAPrivateKey,
+    ca_ski: x509.SubjectKeyIdentifier,
+    not_before: datetime,
+    not_after: datetime,
+    random: RandomSource,
+    new_key: KeyFactory,
+) -> PivSlot:
+    key = new_piv_key(slot_spec.key_type, new_key)
+    key_usage, ekus = piv_usage(slot_spec.ref, key)
+    names: list[x509.GeneralName] = []
+    if slot_spec.email:
+        names.append(x509.RFC822Name(slot_spec.email))
+    if slot_spec.upn:
+        names.append(_upn_other_name(slot_spec.upn))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(slot_spec.subject)
+        .issuer_name(ca_subject)
+        .public_key(key.public_key())
+        .serial_number(_serial_number(random))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage(list(ekus)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    certificate = builder.sign(ca_key, hashes.SHA256())
+    try:
+        return PivSlot(ref=slot_spec.ref, certificate=certificate, private_key=key)
+    except ValueError as exc:
+        raise ProvisionError(str(exc)) from None
+
+
+def default_piv_spec(
+    card_id: bytes,
+    *,
+    key_types: str | Sequence[str] = DEFAULT_PIV_KEY_TYPE,
+    retired: int = 0,
+    common_name: str | None = None,
+    email: str | None = None,
+    upn: str | None = None,
+) -> tuple[PivSlotSpec, ...]:
+    """The PIV keys of a test card: 9A, 9C, 9D, 9E, then ``retired`` retired key
+    management keys 82.... ``key_types`` is one type for all, or one per key in that order
+    (the last one repeats)."""
+    if not 0 <= retired <= 20:
+        raise ProvisionError(f"a PIV card holds 0 to 20 retired keys, not {retired}")
+    refs = SLOT_ORDER[: 4 + retired]
+    types = [key_types] if isinstance(key_types, str) else list(key_types)
+    if not types or len(types) > len(refs):
+        raise ProvisionError(f"{len(types)} key types given for {len(refs)} PIV keys")
+    types += [types[-1]] * (len(refs) - len(types))
+    digits = _edipi(card_id)
+    subject = _test_name(common_name or f"USBCCID.TEST.{digits}")
+    email = email or f"usbccid.test.{digits}@usbccid.example"
+    upn = upn or f"{digits}@mil"
+    return tuple(
+        PivSlotSpec(
+            ref=ref,
+            key_type=key_type,
+            subject=subject,
+            email=email if ref not in (0x9A, 0x9E) else None,
+            upn=upn if ref == 0x9A else None,
+        )
+        for ref, key_type in zip(refs, types, strict=True)
+    )

@@ -1,4 +1,5 @@
-"""Reading a container (a certificate and its RSA private key) from PEM, DER or PKCS#12.
+"""Reading a container (a certificate and its RSA private key) or a PIV key (RSA or EC)
+from PEM, DER or PKCS#12.
 
 :func:`load_container` turns the bytes into a :class:`~usbccid.cac.profile.Container`. Every
 failure (wrong passphrase, key that does not match the certificate, unsupported key type
@@ -9,15 +10,18 @@ of stderr and never contains key material or the passphrase.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from usbccid.cac.profile import Container
 from usbccid.cards.provision import SUPPORTED_KEY_SIZES, ProvisionError
+from usbccid.piv.keys import algorithm_of
+from usbccid.piv.profile import PivSlot
 
 # --------------------------------------------------------------------------------------
 # Loading containers from PEM, DER and PKCS#12
@@ -153,7 +157,7 @@ def _read_der(
     raise ProvisionError(f"{where} is not a certificate or key in PEM, DER or PKCS#12 form")
 
 
-def _check_rsa_key(key: PrivateKeyTypes, where: str) -> rsa.RSAPrivateKey:
+def _check_rsa_key(key: PrivateKeyTypes, where: str) -> PrivateKeyTypes:
     if not isinstance(key, rsa.RSAPrivateKey):
         # OpenSC's CAC driver skips non-RSA keys silently; refuse them up front.
         raise ProvisionError(f"the private key in {where} is not RSA (CAC supports RSA only)")
@@ -195,6 +199,52 @@ def load_container(
     passphrase, a key that is not RSA or of an unsupported size, or a certificate that does
     not belong to the key.
     """
+    certificate, key = _load_pair(
+        data, key_data, passphrase, source, key_source, _check_rsa_key, key_checked=key_checked
+    )
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return Container(label=label, certificate=certificate, private_key=key)
+
+
+def load_piv_slot(
+    data: bytes,
+    key_data: bytes | None = None,
+    *,
+    ref: int,
+    passphrase: bytes | str | None = None,
+    source: str = "the key data",
+    key_source: str = "the key data",
+) -> PivSlot:
+    """A PIV key (key reference ``ref``) from its certificate and private key, in the forms
+    :func:`load_container` accepts; the key is RSA 1024-4096 or EC P-256/P-384."""
+    certificate, key = _load_pair(data, key_data, passphrase, source, key_source, _check_piv_key)
+    assert isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+    try:
+        return PivSlot(ref=ref, certificate=certificate, private_key=key)
+    except ValueError as exc:
+        raise ProvisionError(str(exc)) from None
+
+
+def _check_piv_key(key: PrivateKeyTypes, where: str) -> PrivateKeyTypes:
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ProvisionError(f"the private key in {where} is neither RSA nor EC")
+    try:
+        algorithm_of(key)
+    except ValueError as exc:
+        raise ProvisionError(f"the key in {where}: {exc} (RSA 1024-4096, P-256, P-384)") from None
+    return key
+
+
+def _load_pair(
+    data: bytes,
+    key_data: bytes | None,
+    passphrase: bytes | str | None,
+    source: str,
+    key_source: str,
+    check_key: Callable[[PrivateKeyTypes, str], PrivateKeyTypes],
+    *,
+    key_checked: bool = False,
+) -> tuple[x509.Certificate, PrivateKeyTypes]:
     password = _passphrase_bytes(passphrase)
     if key_data is None:
         if _is_pem(data):
@@ -216,9 +266,9 @@ def load_container(
         raise ProvisionError(f"no private key found in {key_where}")
     if len(keys) > 1:
         raise ProvisionError(f"{key_where} holds more than one private key")
-    key = _check_rsa_key(keys[0], key_where)
+    key = check_key(keys[0], key_where)
     public_key = key.public_key()
     for certificate in certificates:
         if certificate.public_key() == public_key:
-            return Container(label=label, certificate=certificate, private_key=key)
+            return certificate, key
     raise ProvisionError(f"the private key in {key_where} does not match the certificate")

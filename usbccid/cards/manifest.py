@@ -1,10 +1,11 @@
 """A card as named byte strings, and back (``usbccid.cards.store`` keeps them as files).
 
-:func:`card_to_files` gives a JSON manifest, PEM certificates, PKCS#8 PEM keys and the CA
-certificate; :func:`card_from_files` reads them back. The manifest records the SHA-256 of
-each key file it wrote: every key stored was generated here or validated when it was
-imported, so reading those same bytes back skips cryptography's RSA key validation (tens
-of milliseconds per key, which made a server of many readers slow to start).
+:func:`card_to_files` gives a JSON manifest, PEM certificates, PKCS#8 PEM keys (CAC
+containers ``container-NN.*``, PIV keys ``piv-<key reference>.*``) and the CA certificate;
+:func:`card_from_files` reads them back. The manifest records the SHA-256 of each container
+key file it wrote: every key stored was generated here or validated when it was imported,
+so reading those same bytes back skips cryptography's RSA key validation (tens of
+milliseconds per key, which made a server of many readers slow to start).
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from usbccid.cac.profile import CardProfile, PinPolicy
-from usbccid.cards.generate import ProvisionedCard
-from usbccid.cards.keys import load_certificates, load_container
+from usbccid.cards.generate import ProvisionedCard, check_edges
+from usbccid.cards.keys import load_certificates, load_container, load_piv_slot
 from usbccid.cards.provision import (
     CA_CERT_FILE,
+    DEFAULT_EDGES,
     MANIFEST_FILE,
-    MAX_CONTAINERS,
     ProvisionError,
     validate_pin_policy,
 )
+from usbccid.piv.keys import PivPrivateKey
+from usbccid.piv.profile import SLOT_REFS, slot_name
 
 # --------------------------------------------------------------------------------------
 # To and from named byte strings (stored as files by usbccid.cards.store)
@@ -35,7 +38,10 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 _MANIFEST_FORMAT = "usbccid-card"
+#: Version 1: a CAC (containers only). Version 2 adds "edges" and "piv_slots"; a card with
+#: only a CAC edge is still written as version 1, so older usbccid versions read it.
 _MANIFEST_VERSION = 1
+_MANIFEST_VERSION_PIV = 2
 
 
 def _certificate_file(index: int) -> str:
@@ -44,6 +50,18 @@ def _certificate_file(index: int) -> str:
 
 def _key_file(index: int) -> str:
     return f"container-{index:02d}.key.pem"
+
+
+def _piv_file(ref: int, what: str) -> str:
+    return f"piv-{slot_name(ref)}.{what}.pem"
+
+
+def _private_pem(key: PivPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def card_to_files(card: ProvisionedCard) -> dict[str, bytes]:
@@ -57,18 +75,13 @@ def card_to_files(card: ProvisionedCard) -> dict[str, bytes]:
     """
     profile = card.profile
     policy = validate_pin_policy(profile.pin_policy)
-    if not 1 <= len(profile.containers) <= MAX_CONTAINERS:
-        raise ProvisionError(f"a card holds 1 to {MAX_CONTAINERS} containers")
+    check_edges(card.edges, len(profile.containers), len(card.piv_slots))
     files: dict[str, bytes] = {}
     entries = []
     for index, container in enumerate(profile.containers):
         cert_name, key_name = _certificate_file(index), _key_file(index)
         files[cert_name] = container.certificate.public_bytes(serialization.Encoding.PEM)
-        files[key_name] = container.private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        files[key_name] = _private_pem(container.private_key)
         entries.append(
             {
                 "label": container.label,
@@ -80,11 +93,18 @@ def card_to_files(card: ProvisionedCard) -> dict[str, bytes]:
                 "key_sha256": hashlib.sha256(files[key_name]).hexdigest(),
             }
         )
+    piv_entries = []
+    for slot in card.piv_slots:
+        cert_name, key_name = _piv_file(slot.ref, "cert"), _piv_file(slot.ref, "key")
+        files[cert_name] = slot.certificate.public_bytes(serialization.Encoding.PEM)
+        files[key_name] = _private_pem(slot.private_key)
+        piv_entries.append({"slot": slot_name(slot.ref), "certificate": cert_name, "key": key_name})
     if card.ca_certificate is not None:
         files[CA_CERT_FILE] = card.ca_certificate.public_bytes(serialization.Encoding.PEM)
-    manifest = {
+    piv = card.edges != DEFAULT_EDGES
+    manifest: dict[str, object] = {
         "format": _MANIFEST_FORMAT,
-        "version": _MANIFEST_VERSION,
+        "version": _MANIFEST_VERSION_PIV if piv else _MANIFEST_VERSION,
         "card_id": profile.card_id.hex(),
         "pin_policy": {
             "pin": policy.pin.decode("ascii"),
@@ -95,6 +115,9 @@ def card_to_files(card: ProvisionedCard) -> dict[str, bytes]:
         "ca_certificate": CA_CERT_FILE if card.ca_certificate is not None else None,
         "containers": entries,
     }
+    if piv:
+        manifest["edges"] = card.edges
+        manifest["piv_slots"] = piv_entries
     files[MANIFEST_FILE] = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
     return files
 
@@ -127,8 +150,9 @@ def card_from_files(read: Callable[[str], bytes]) -> ProvisionedCard:
         raise ProvisionError(f"{what} is not valid JSON") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != _MANIFEST_FORMAT:
         raise ProvisionError(f"{what} is not a usbccid card manifest")
-    if manifest.get("version") != _MANIFEST_VERSION:
-        raise ProvisionError(f"{what} has unsupported version {manifest.get('version')!r}")
+    version = manifest.get("version")
+    if version not in (_MANIFEST_VERSION, _MANIFEST_VERSION_PIV):
+        raise ProvisionError(f"{what} has unsupported version {version!r}")
     try:
         card_id = bytes.fromhex(_field(manifest, "card_id", str, what))
     except ValueError as exc:
@@ -144,9 +168,16 @@ def card_from_files(read: Callable[[str], bytes]) -> ProvisionedCard:
             max_unblock_tries=_field(pin, "max_unblock_tries", int, what),
         )
     )
+    edges = DEFAULT_EDGES
+    piv_entries: list[Any] = []
+    if version == _MANIFEST_VERSION_PIV:
+        edges = _field(manifest, "edges", str, what)
+        piv_entries = _field(manifest, "piv_slots", list, what)
     entries = _field(manifest, "containers", list, what)
-    if not 1 <= len(entries) <= MAX_CONTAINERS:
-        raise ProvisionError(f"{what}: a card holds 1 to {MAX_CONTAINERS} containers")
+    try:
+        check_edges(edges, len(entries), len(piv_entries))
+    except ProvisionError as exc:
+        raise ProvisionError(f"{what}: {exc}") from None
     containers = []
     for entry in entries:
         if not isinstance(entry, dict):
@@ -169,6 +200,20 @@ def card_from_files(read: Callable[[str], bytes]) -> ProvisionedCard:
                 key_checked=checked,
             )
         )
+    piv_slots = []
+    for entry in piv_entries:
+        if not isinstance(entry, dict):
+            raise ProvisionError(f"{what}: a PIV key entry is not an object")
+        ref = _slot_ref(_field(entry, "slot", str, what), what)
+        cert_name = _file_name(entry.get("certificate"), what)
+        key_name = _file_name(entry.get("key"), what)
+        piv_slots.append(
+            load_piv_slot(
+                read(cert_name), read(key_name), ref=ref, source=cert_name, key_source=key_name
+            )
+        )
+    if len({s.ref for s in piv_slots}) != len(piv_slots):
+        raise ProvisionError(f"{what}: a PIV key reference is used twice")
     ca_name = manifest.get("ca_certificate")
     ca_certificate = None
     if ca_name is not None:
@@ -178,4 +223,13 @@ def card_from_files(read: Callable[[str], bytes]) -> ProvisionedCard:
             raise ProvisionError(f"{ca_name} must hold exactly one certificate")
         ca_certificate = ca_certs[0]
     profile = CardProfile(card_id=card_id, containers=tuple(containers), pin_policy=policy)
-    return ProvisionedCard(profile=profile, ca_certificate=ca_certificate)
+    return ProvisionedCard(
+        profile=profile, ca_certificate=ca_certificate, piv_slots=tuple(piv_slots), edges=edges
+    )
+
+
+def _slot_ref(name: str, what: str) -> int:
+    ref = SLOT_REFS.get(name.lower())
+    if ref is None:
+        raise ProvisionError(f"{what}: unknown PIV key reference {name!r}")
+    return ref

@@ -57,6 +57,15 @@ MAX_CONTAINERS = len(CAC_LABELS)
 #: 4096 is accepted for other clients but OpenSC will not offer it.
 SUPPORTED_KEY_SIZES: tuple[int, ...] = (1024, 2048, 3072, 4096)
 
+#: Which card edges a card answers (usbccid.piv.dual): the CAC applets (the default, and
+#: exactly what usbccid always emulated), the PIV Card Application, or both.
+EDGES: tuple[str, ...] = ("cac", "piv", "cac+piv")
+DEFAULT_EDGES = "cac"
+
+#: PIV key types of ``usbccid card new --piv --key-type``: RSA sizes and NIST curves.
+PIV_KEY_TYPES: tuple[str, ...] = ("rsa1024", "rsa2048", "rsa3072", "rsa4096", "p256", "p384")
+DEFAULT_PIV_KEY_TYPE = "rsa2048"
+
 CARD_ID_LENGTH = 16
 DEFAULT_VALIDITY = timedelta(days=3652)  # ten years
 #: Certificates start this long before ``now``, so that a host (or VM guest) whose clock

@@ -202,6 +202,8 @@ def _pin_state_bytes(state: PinState) -> bytes:
         "tries_left": state.tries_left,
         "unblock_tries_left": state.unblock_tries_left,
     }
+    if state.unblock_code is not None:
+        document["unblock_code_hex"] = state.unblock_code.hex()
     return (json.dumps(document, indent=2) + "\n").encode("ascii")
 
 
@@ -231,10 +233,20 @@ def _parse_pin_state(data: bytes) -> PinState:
         raise ValueError("'pin_hex' is not hex") from None
     if not pin:
         raise ValueError("'pin_hex' is empty")
+    unblock_code = None
+    if "unblock_code_hex" in document:  # only once the unblock code was changed (PIV)
+        code_hex = document["unblock_code_hex"]
+        try:
+            unblock_code = bytes.fromhex(code_hex) if isinstance(code_hex, str) else None
+        except ValueError:
+            unblock_code = None
+        if not unblock_code:
+            raise ValueError("'unblock_code_hex' is not hex")
     return PinState(
         pin=pin,
         tries_left=_counter(document, "tries_left"),
         unblock_tries_left=_counter(document, "unblock_tries_left"),
+        unblock_code=unblock_code,
     )
 
 

@@ -10,21 +10,21 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from usbccid.cards.source import EmulatedCac, plural
+from usbccid.cards.piv import EmulatedPiv, describe, emulated
+from usbccid.cards.source import EmulatedCac
 from usbccid.cards.store import load_or_create_card
 
 
-def load(name: str, state_dir: Path, now: datetime) -> EmulatedCac:
-    """The stored card ``name``, generated on first use.
+def load(name: str, state_dir: Path, now: datetime) -> EmulatedCac | EmulatedPiv:
+    """The stored card ``name``, generated on first use (a CAC: ``usbccid card new --piv``
+    makes PIV cards).
 
     Raises:
         usbccid.cards.store.StateError: the state directory or the card is unusable.
     """
     card, store = load_or_create_card(state_dir, now, name=name)
     ca = store.path.parent / "ca.pem" if card.ca_certificate is not None else None
-    return EmulatedCac(
-        profile=card.profile,
-        pin_store=store,
-        description=f'stored card "{name}" ({plural(len(card.profile.containers), "container")})',
-        ca_file=ca,
+    what = describe(card.edges, len(card.profile.containers), len(card.piv_slots))
+    return emulated(
+        card.profile, card.piv_slots, card.edges, store, f'stored card "{name}" ({what})', ca
     )

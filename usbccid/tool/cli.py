@@ -194,6 +194,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="RSA key size for all containers, or one per container "
         "(1024, 2048, 3072, 4096; default 2048)",
     )
+    edges = new.add_mutually_exclusive_group()
+    edges.add_argument(
+        "--edges",
+        choices=("cac", "piv", "cac+piv"),
+        help="the card edges it answers: the CAC applets (default), the PIV Card "
+        "Application (SP 800-73-4), or both with one PIN, as a DoD CAC",
+    )
+    edges.add_argument(
+        "--piv",
+        action="store_const",
+        const="piv",
+        dest="edges",
+        help="a PIV card: same as --edges piv (keys 9A, 9C, 9D, 9E; PIN 6-8 digits)",
+    )
+    new.add_argument(
+        "--key-type",
+        metavar="TYPE[,TYPE...]",
+        help="PIV key type for all PIV keys, or one per key in the order 9A, 9C, 9D, 9E, "
+        "82...: rsa1024, rsa2048, rsa3072, rsa4096, p256, p384 (default rsa2048)",
+    )
+    new.add_argument(
+        "--retired",
+        type=int,
+        metavar="N",
+        help="also N retired PIV key management keys, 82... (0-20, default 0)",
+    )
     new.add_argument("--cn", metavar="NAME", help="common name of the certificates' subject")
     new.add_argument(
         "--subject",
@@ -490,15 +516,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_card_new(args: argparse.Namespace) -> int:
     from usbccid.cac.profile import CardProfile
-    from usbccid.cards.generate import ProvisionedCard, default_card_spec, generate_card
-    from usbccid.cards.keys import load_container
+    from usbccid.cards.generate import (
+        ProvisionedCard,
+        default_card_spec,
+        default_piv_spec,
+        generate_card,
+    )
+    from usbccid.cards.keys import load_container, load_piv_slot
     from usbccid.cards.provision import container_label, make_pin_policy, new_card_id
     from usbccid.cards.store import CardExistsError, card_directory, save_card
+    from usbccid.piv.profile import SLOT_ORDER
 
     state_dir = _state_dir(args)
     target = card_directory(state_dir, args.name)
     if target.exists():
         raise CardExistsError(f"a card named {args.name!r} already exists in {target}")
+    edges = args.edges or "cac"
+    has_cac, has_piv = "cac" in edges.split("+"), "piv" in edges.split("+")
+    if not has_piv and (args.key_type is not None or args.retired is not None):
+        raise UsageError("--key-type and --retired are for cards with a PIV edge (--piv)")
+    if not has_cac and (args.containers is not None or args.key_size is not None):
+        raise UsageError("--containers and --key-size are for CAC containers, not --piv")
+    if has_piv and args.pin and not 6 <= len(args.pin) <= 8:
+        raise UsageError("--pin: a PIV PIN is 6 to 8 digits (SP 800-73-4)")
     policy = make_pin_policy(
         **({"pin": _digits(args.pin, "--pin").encode()} if args.pin else {}),
         **(
@@ -515,26 +555,47 @@ def cmd_card_new(args: argparse.Namespace) -> int:
     from_files = bool(certs or keys or p12s)
     if from_files:
         generated = [args.containers, args.key_size, args.cn, args.subject, args.email]
+        generated += [args.key_type, args.retired]
         if any(v is not None for v in generated) or args.all_purpose:
             raise UsageError(
-                "--containers, --key-size, --cn, --subject, --email and --all-purpose are for "
-                "generated cards, not with --cert/--key/--pkcs12"
+                "--containers, --key-size, --key-type, --retired, --cn, --subject, --email "
+                "and --all-purpose are for generated cards, not with --cert/--key/--pkcs12"
             )
         if len(certs) != len(keys):
             raise UsageError(f"{len(certs)} --cert but {len(keys)} --key: give them in pairs")
+        if edges == "cac+piv":
+            raise UsageError(
+                "a cac+piv card from files needs a configuration file "
+                "(containers and piv in one [[reader.slot]])"
+            )
         passphrase = _passphrase(args)
         containers = []
         sources: list[tuple[Path, Path | None]] = [
             *zip(certs, keys, strict=True),
             *((p, None) for p in p12s),
         ]
-        if len(sources) > 16:
-            raise UsageError("a card holds at most 16 containers")
+        limit = 16 if has_cac else len(SLOT_ORDER)
+        if len(sources) > limit:
+            raise UsageError(f"a card holds at most {limit} {'containers' if has_cac else 'keys'}")
+        piv_slots = []
         for index, (first, key) in enumerate(sources):
+            data, key_data = _read_file(first), _read_file(key) if key is not None else None
+            if has_piv:  # the i-th key goes to the i-th of 9A, 9C, 9D, 9E, 82...
+                piv_slots.append(
+                    load_piv_slot(
+                        data,
+                        key_data,
+                        ref=SLOT_ORDER[index],
+                        passphrase=passphrase,
+                        source=str(first),
+                        key_source=str(key),
+                    )
+                )
+                continue
             containers.append(
                 load_container(
-                    _read_file(first),
-                    _read_file(key) if key is not None else None,
+                    data,
+                    key_data,
                     label=container_label(index),
                     passphrase=passphrase,
                     source=str(first),
@@ -544,7 +605,7 @@ def cmd_card_new(args: argparse.Namespace) -> int:
         profile = CardProfile(
             card_id=new_card_id(), containers=tuple(containers), pin_policy=policy
         )
-        card = ProvisionedCard(profile=profile)
+        card = ProvisionedCard(profile=profile, piv_slots=tuple(piv_slots), edges=edges)
     else:
         if args.passphrase_file or args.passphrase_env or args.ask_passphrase:
             raise UsageError("a passphrase is only for --key/--pkcs12 files")
@@ -564,18 +625,36 @@ def cmd_card_new(args: argparse.Namespace) -> int:
             all_purpose=args.all_purpose,
             pin_policy=policy,
         )
+        piv_specs = (
+            default_piv_spec(
+                card_id,
+                key_types=_key_types(args.key_type),
+                retired=args.retired or 0,
+                common_name=args.cn,
+                email=args.email,
+            )
+            if has_piv
+            else ()
+        )
+        spec = replace(
+            spec, containers=spec.containers if has_cac else (), piv=piv_specs, edges=edges
+        )
         if args.subject:
             subject = _subject(args.subject)
             spec = replace(
-                spec, containers=tuple(replace(c, subject=subject) for c in spec.containers)
+                spec,
+                containers=tuple(replace(c, subject=subject) for c in spec.containers),
+                piv=tuple(replace(p, subject=subject) for p in spec.piv),
             )
         if not getattr(args, "quiet", 0):
-            _err(f"generating {n} RSA key{'s' * (n != 1)}...")
+            what = [f"{n} RSA key{'s' * (n != 1)}"] if has_cac else []
+            what += [f"{len(piv_specs)} PIV keys"] if has_piv else []
+            _err(f"generating {' and '.join(what)}...")
         card = generate_card(datetime.now(UTC), spec, card_id=card_id)
     directory = save_card(state_dir, card, args.name)
     assert directory == card_directory(state_dir, args.name)
     _out(f'card "{args.name}" created in {directory}')
-    _print_card(card.profile, directory, None)
+    _print_card(card, directory, None)
     return 0
 
 
@@ -589,10 +668,10 @@ def cmd_card_show(args: argparse.Namespace) -> int:
     directory = card_directory(state_dir, args.name)
     state = FilePinStateStore(directory / PIN_STATE_FILE).load()
     if args.json:
-        _out(json.dumps(_card_json(card.profile, directory, state), indent=2))
+        _out(json.dumps(_card_json(card, directory, state), indent=2))
     else:
         _out(f'card "{args.name}" in {directory}')
-        _print_card(card.profile, directory, state)
+        _print_card(card, directory, state)
     return 0
 
 
@@ -825,6 +904,16 @@ def _key_sizes(text: str | None) -> list[int]:
     return sizes
 
 
+def _key_types(text: str | None) -> list[str]:
+    from usbccid.cards.provision import DEFAULT_PIV_KEY_TYPE, PIV_KEY_TYPES
+
+    types = [t.strip().lower() for t in (text or DEFAULT_PIV_KEY_TYPE).split(",")]
+    for key_type in types:
+        if key_type not in PIV_KEY_TYPES:
+            raise UsageError(f"--key-type: {key_type!r} is not one of {', '.join(PIV_KEY_TYPES)}")
+    return types
+
+
 def _subject(text: str) -> x509.Name:
     try:
         return x509.Name.from_rfc4514_string(text)
@@ -853,20 +942,28 @@ def _passphrase(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _card_json(profile: object, directory: Path, state: object) -> dict[str, object]:
+def _card_json(card: object, directory: Path, state: object) -> dict[str, object]:
     from cryptography.hazmat.primitives import hashes
 
-    from usbccid.cac.profile import CardProfile, PinState
+    from usbccid.cac.profile import PinState
+    from usbccid.cards.generate import ProvisionedCard
+    from usbccid.piv.keys import algorithm_of
+    from usbccid.piv.profile import slot_name
 
-    assert isinstance(profile, CardProfile)
+    assert isinstance(card, ProvisionedCard)
+    profile = card.profile
     policy = profile.pin_policy
+    unblock = state.unblock_code if isinstance(state, PinState) else None
     out: dict[str, object] = {
         "directory": str(directory),
         "card_id": profile.card_id.hex(),
+        "edges": card.edges,
         "pin": (state.pin if isinstance(state, PinState) else policy.pin).decode(
             "ascii", "replace"
         ),
-        "unblock_code": policy.unblock_code.decode("ascii", "replace"),
+        "unblock_code": (policy.unblock_code if unblock is None else unblock).decode(
+            "ascii", "replace"
+        ),
         "max_tries": policy.max_tries,
         "max_unblock_tries": policy.max_unblock_tries,
         "tries_left": state.tries_left if isinstance(state, PinState) else policy.max_tries,
@@ -886,18 +983,35 @@ def _card_json(profile: object, directory: Path, state: object) -> dict[str, obj
             for c in profile.containers
         ],
     }
+    if card.piv_slots:
+        out["piv_keys"] = [
+            {
+                "slot": slot_name(s.ref),
+                "name": s.name,
+                "algorithm": algorithm_of(s.private_key).name,
+                "subject": s.certificate.subject.rfc4514_string(),
+                "issuer": s.certificate.issuer.rfc4514_string(),
+                "not_before": s.certificate.not_valid_before_utc.isoformat(),
+                "not_after": s.certificate.not_valid_after_utc.isoformat(),
+                "sha256": s.certificate.fingerprint(hashes.SHA256()).hex(),
+            }
+            for s in card.piv_slots
+        ]
     ca = directory / "ca.pem"
     if ca.exists():
         out["ca_certificate"] = str(ca)
     return out
 
 
-def _print_card(profile: object, directory: Path, state: object) -> None:
-    info = _card_json(profile, directory, state)
+def _print_card(card: object, directory: Path, state: object) -> None:
+    info = _card_json(card, directory, state)
     _out(f"  card id: {info['card_id']}")
+    if info["edges"] != "cac":
+        _out(f"  edges: {info['edges']}")
+    puk = "PUK" if info["edges"] != "cac" else "unblock code"
     _out(
         f"  PIN: {info['pin']} ({info['tries_left']} of {info['max_tries']} tries left)  "
-        f"unblock code: {info['unblock_code']} "
+        f"{puk}: {info['unblock_code']} "
         f"({info['unblock_tries_left']} of {info['max_unblock_tries']} tries left)"
     )
     containers = info["containers"]
@@ -908,6 +1022,13 @@ def _print_card(profile: object, directory: Path, state: object) -> None:
         _out(f"    issuer:  {c['issuer']}")
         _out(f"    valid:   {c['not_before']} to {c['not_after']}")
         _out(f"    sha256:  {c['sha256']}")
+    keys = info.get("piv_keys", [])
+    assert isinstance(keys, list)
+    for k in keys:
+        _out(f"  PIV key {k['slot'].upper()}: {k['name']}, {k['algorithm']}")
+        _out(f"    subject: {k['subject']}")
+        _out(f"    valid:   {k['not_before']} to {k['not_after']}")
+        _out(f"    sha256:  {k['sha256']}")
     if "ca_certificate" in info:
         _out(f"  test CA certificate (trust it on the host): {info['ca_certificate']}")
 

@@ -12,14 +12,15 @@
 What is never logged (:class:`Redactor`):
 
 * the data of VERIFY (INS 20), CHANGE REFERENCE DATA (24) and RESET RETRY COUNTER (2C):
-  PINs and unblock codes;
+  PINs and unblock codes (the CAC's global PIN, and the PIV PIN 80 and PUK 81 alike);
 * all the data of an APDU the reader's PIN pad built (PC_to_RDR_Secure: the digits typed
   on the keypad went into its template), whatever its instruction
   (:meth:`TracingCard.transmit_keyed`)::
 
       desk/0 > 00 20 00 00 08 [8 bytes keyed on the PIN pad, redacted]
 * the data of the key operations, in both directions: the CAC/GSC-IS private key
-  operation (INS 42, "SIGN/DECRYPT"), GENERAL AUTHENTICATE (87), PERFORM SECURITY
+  operation (INS 42, "SIGN/DECRYPT"), GENERAL AUTHENTICATE (87: PIV signatures,
+  decryptions, ECDH, chained or not), PERFORM SECURITY
   OPERATION (2A) and INTERNAL AUTHENTICATE (88) -- plaintexts, signatures, decrypted
   session keys -- including what comes back through GET RESPONSE (C0) after a ``61 xx``.
 

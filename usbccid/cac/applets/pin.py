@@ -146,7 +146,8 @@ class PinService:
         if state.unblock_tries_left <= 0:
             raise CardError(SW.AUTH_METHOD_BLOCKED)
         self._commit(replace(state, unblock_tries_left=state.unblock_tries_left - 1))
-        expected = _strip_padding(self._policy.unblock_code)
+        code = state.unblock_code  # changed through a PIV edge of the same card
+        expected = _strip_padding(self._policy.unblock_code if code is None else code)
         if hmac.compare_digest(candidate, expected):
             self._commit(replace(self._state, unblock_tries_left=self._policy.max_unblock_tries))
             return True

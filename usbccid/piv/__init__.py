@@ -1,0 +1,1 @@
+"""The PIV card edge (NIST SP 800-73-4), sans-IO: SELECT, GET DATA, PIN, GENERAL AUTHENTICATE."""
