@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +29,7 @@ from typing import IO, Any
 from usbccid import __version__
 from usbccid.card import Card
 from usbccid.cards.registry import CardSourceConfig, load_card
-from usbccid.cards.source import LoadedCard
+from usbccid.cards.source import EmulatedCac, LoadedCard
 from usbccid.cards.store import StateError
 from usbccid.errors import UsbccidError
 from usbccid.frontends.base import FrontendError, FrontendReader
@@ -118,9 +118,18 @@ class App:
                 "do not share it as is",
                 self.config.pcap,
             )
+        loaded = [[self._load(sc.card, rc.origin) for sc in rc.slots] for rc in self.config.readers]
+        try:
+            _one_place(
+                (rc.name, index, sc, card)
+                for rc, cards in zip(self.config.readers, loaded, strict=True)
+                for index, (sc, card) in enumerate(zip(rc.slots, cards, strict=True))
+            )
+        except ControlError as exc:
+            raise AppError(str(exc)) from None
         readers: list[_Reader] = []
-        for rc in self.config.readers:
-            slots = [_Slot(sc, self._load(sc.card, rc.origin)) for sc in rc.slots]
+        for rc, cards in zip(self.config.readers, loaded, strict=True):
+            slots = [_Slot(sc, card) for sc, card in zip(rc.slots, cards, strict=True)]
             try:
                 reader = self.usbip.add_reader(rc)
             except FrontendError as exc:
@@ -342,6 +351,51 @@ class App:
         if self._control is not None:
             lines.append(f"control socket: {self._control.path}")
         return lines
+
+
+def card_key(card: LoadedCard) -> object | None:
+    """What makes two loaded cards the same card: the PIN state they share (a stored card's
+    directory, a files card's card ID). None: a source whose cards cannot clash."""
+    if isinstance(card, EmulatedCac):
+        path = getattr(card.pin_store, "path", None)
+        if isinstance(path, Path):
+            return ("pin-state", Path(os.path.abspath(path)))
+        return ("card-id", card.profile.card_id)
+    return None
+
+
+def _place(reader: str, index: int, slot: cfg.SlotConfig | None) -> str:
+    origin = getattr(slot.card, "origin", "") if slot is not None else ""
+    where = f"reader {reader} slot {index}"
+    return f"{origin} ({where})" if origin else where
+
+
+def _one_place(
+    slots: Iterable[tuple[str, int, cfg.SlotConfig | None, LoadedCard | None]],
+) -> None:
+    """Refuse a card that is in two slots: each slot's card object would keep its own
+    security status over one PIN state, and the card is one card (one place, one counter).
+
+    Raises:
+        ControlError: one line naming both places.
+    """
+    seen: dict[object, str] = {}
+    for reader, index, slot, card in slots:
+        if card is None:
+            continue
+        key = card_key(card)
+        if key is None:
+            continue
+        place = _place(reader, index, slot)
+        if key in seen:
+            what = card.description
+            if isinstance(card, EmulatedCac):
+                what += f", card ID {card.profile.card_id.hex()},"
+            raise ControlError(
+                f"{what} is in two slots: {seen[key]} and {place}; "
+                "a card can be in one slot only (it has one PIN retry counter)"
+            )
+        seen[key] = place
 
 
 def _ensure_dir(path: Path) -> None:
