@@ -107,6 +107,11 @@ class ReaderConfig:
     renotify_interval: float = 0.25
     renotify_max_interval: float = 2.0
     renotify_limit: int = 8
+    # Multi-slot readers never answer an interrupt-IN URB the moment it comes: after each
+    # NotifySlotChange (and after an import) the next one waits this long, so the URB that
+    # libccid submits next has been pending for about this long when it completes (see
+    # CcidReader._poll_interrupt_in: libccid 1.5.2 loses a completion that comes too soon).
+    notify_holdoff: float = 0.2
 
     def __post_init__(self) -> None:
         if not MIN_MESSAGE_LENGTH <= self.max_message_length <= MAX_MESSAGE_LENGTH_EXTENDED:
@@ -119,6 +124,8 @@ class ReaderConfig:
             raise ValueError("need 0 < renotify_interval <= renotify_max_interval")
         if self.renotify_limit < 0:
             raise ValueError("renotify_limit must not be negative")
+        if self.notify_holdoff < 0:
+            raise ValueError("notify_holdoff must not be negative")
 
     @property
     def max_data_length(self) -> int:

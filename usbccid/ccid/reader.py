@@ -186,6 +186,10 @@ class CcidReader:
         self._out: deque[_Outgoing] = deque()
         self._out_offset = 0
         self._jobs: deque[CardJob] = deque()
+        # Multi-slot readers: no NotifySlotChange until notify_holdoff after the last one
+        # (or after the import); the deadline is armed with the next `now`.
+        self._notify_held = False
+        self._notify_hold_until: float | None = None
         self.reset()
 
     # ---------------------------------------------------------------- local API
@@ -264,6 +268,7 @@ class CcidReader:
         self._out.clear()
         self._out_offset = 0
         self._jobs.clear()
+        self._hold_notifications()
         for record in self._slots:
             record.job = None
             record.next_extension = None
@@ -371,13 +376,19 @@ class CcidReader:
     def get_timer(self) -> float | None:
         deadlines = [s.next_extension for s in self._slots if s.next_extension is not None]
         deadlines += [s.renotify_at for s in self._slots if s.renotify_at is not None]
+        if self._notify_hold_until is not None:
+            deadlines.append(self._notify_hold_until)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
         """Queue a time extension (CCID Rev 1.1 §6.2.6, bmCommandStatus 2) for every
         transmit that is due one. At most one is waiting per slot at any time, so every
         bulk-IN completion carries at most one, and never with the final reply. Also
-        repeats the unanswered slot notifications of a multi-slot reader (_renotify)."""
+        repeats the unanswered slot notifications of a multi-slot reader (_renotify) and
+        ends its notification hold-off."""
+        if self._notify_hold_until is not None and now >= self._notify_hold_until:
+            self._notify_held = False
+            self._notify_hold_until = None
         self._renotify(now)
         interval = self.config.time_extension_interval
         for record in self._slots:
@@ -469,7 +480,25 @@ class CcidReader:
         moved twice within milliseconds, a virtual one is. So such a slot is notified
         again (:meth:`_renotify`) until the host sends it a PC_to_RDR_GetSlotStatus, which
         is what pcscd's slot thread does first when it wakes up.
+
+        And a multi-slot reader never completes an interrupt URB the moment it arrives.
+        libccid 1.5.2's polling thread (ccid_usb.c Multi_PollingProc) submits its URB and
+        only then sets the ``completed`` flag the completion callback sets; the callback
+        may run first on another thread handling libusb events (Multi_ReadProc's bulk
+        read), and then its ``completed = 1`` is overwritten, and the polling thread waits
+        in libusb_handle_events_completed forever: no card event of that reader reaches
+        pcscd again (the removal is seen at pcscd's 5 s status poll, an insertion not at
+        all). Upstream fixed it in 1.7.0 (commit 571eaf8, "multi slots: fix potential race
+        in interrupt handling"). A real reader answers at its next bInterval with a change
+        that is rarely pending already; ours had one pending whenever a change (or a
+        repeat) came while the host was between two URBs, and always at import. Seen in
+        the guest (tests/vm/test_pcscd.py): the polling thread stuck after its "waiting"
+        log line, the slot threads waiting on its broadcast. So after each notification,
+        and after an import, the next one waits ``notify_holdoff`` seconds: the URB it
+        completes has been submitted long before.
         """
+        if self._notify_held:
+            return None
         if not any(record.changed for record in self._slots):
             return None  # nothing changed since the last report: keep the URB parked
         message = build_notify_slot_change(
@@ -483,9 +512,18 @@ class CcidReader:
                 record.announced = True
                 record.renotify_at = None  # armed by the next _arm_renotify(now)
             record.changed = False
+        self._hold_notifications()
         return message
 
+    def _hold_notifications(self) -> None:
+        """Multi-slot readers: hold the next NotifySlotChange for notify_holdoff."""
+        if len(self._slots) > 1 and self.config.notify_holdoff > 0:
+            self._notify_held = True
+            self._notify_hold_until = None  # armed by the next _arm_renotify(now)
+
     def _arm_renotify(self, now: float) -> None:
+        if self._notify_held and self._notify_hold_until is None:
+            self._notify_hold_until = now + self.config.notify_holdoff
         for record in self._slots:
             if record.announced and record.renotify_at is None and not record.changed:
                 delay = self.config.renotify_interval * 2**record.renotify_count
