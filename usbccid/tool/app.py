@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,9 +28,10 @@ from typing import IO, Any
 
 from usbccid import __version__
 from usbccid.card import Card
+from usbccid.cards.cac import CardConfig
 from usbccid.cards.registry import CardSourceConfig, load_card
 from usbccid.cards.source import EmulatedCac, LoadedCard
-from usbccid.cards.store import StateError
+from usbccid.cards.store import StateError, card_directory
 from usbccid.errors import UsbccidError
 from usbccid.frontends.base import FrontendError, FrontendReader
 from usbccid.frontends.usbip.frontend import UsbipFrontend
@@ -47,6 +48,7 @@ from usbccid.tool.pcap import CapturedDevice, UsbipCapture, UsbPcapWriter
 from usbccid.tool.schema import ConfigError
 from usbccid.tool.trace import CountingCard, TracingCard
 from usbccid.usbip.device import VirtualDevice
+from usbccid.usbip.exporter import parse_busid
 from usbccid.usbip.function import DeviceIdentity, UsbFunction
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ class App:
         self._pcap: UsbPcapWriter | None = None
         self._pcap_file: IO[bytes] | None = None
         self._control: ControlServer | None = None
+        self._counters: dict[str, int] = {}
         _ensure_dir(self.state_dir)
         self.usbip = UsbipFrontend(config, self._make_device)
         self.readers = self._build()
@@ -129,24 +132,40 @@ class App:
             raise AppError(str(exc)) from None
         readers: list[_Reader] = []
         for rc, cards in zip(self.config.readers, loaded, strict=True):
-            slots = [_Slot(sc, card) for sc, card in zip(rc.slots, cards, strict=True)]
             try:
-                reader = self.usbip.add_reader(rc)
+                readers.append(self._plug(rc, cards))
             except FrontendError as exc:
                 raise AppError(str(exc)) from None
-            r = _Reader(rc, reader, slots)
-            for index, slot in enumerate(slots):
-                if slot.card is not None and slot.config.inserted:
-                    self._insert(r, index)
-            readers.append(r)
         return readers
 
-    def _make_device(self, identity: DeviceIdentity, function: UsbFunction) -> VirtualDevice:
+    def _plug(self, rc: cfg.ReaderConfig, cards: Sequence[LoadedCard | None]) -> _Reader:
+        """Export a new reader with ``cards`` in its slots (inserted as configured).
+
+        Raises:
+            FrontendError: the front end cannot have it (bus id, identity).
+        """
+        slots = [_Slot(sc, card) for sc, card in zip(rc.slots, cards, strict=True)]
+        r = _Reader(rc, self.usbip.add_reader(rc), slots)
+        for index, slot in enumerate(slots):
+            if slot.card is not None and slot.config.inserted:
+                self._insert(r, index)
+        return r
+
+    def _unplug(self, r: _Reader) -> None:
+        """Take a reader away: its cards out, its importer disconnected."""
+        for index in range(len(r.slots)):
+            self._remove(r, index)
+        self.usbip.remove_reader(r.reader)
+        self.readers.remove(r)
+
+    def _make_device(
+        self, identity: DeviceIdentity, function: UsbFunction, busid: str
+    ) -> VirtualDevice:
         device = CapturedDevice(identity, function)
         if self._pcap is not None:
             types = {ep.address: int(ep.transfer_type) for ep in function.interface.endpoints}
-            # the exporter numbers devices 1-1, 1-2, ... in the order they are made
-            devnum = len(self.usbip.readers) + 1
+            devnum = parse_busid(busid)
+            assert devnum is not None
             device.capture = UsbipCapture(self._pcap, types, devnum)
         return device
 
@@ -261,12 +280,33 @@ class App:
             pid=os.getpid(),
             uptime=time.monotonic() - self.started,
             readers=tuple(readers),
-            counters=self.usbip.counters(),
+            counters={**self.usbip.counters(), **self._counters},
         )
 
-    def insert(self, reader: str, slot: int) -> None:
+    def insert(self, reader: str, slot: int, card: str | None = None) -> None:
+        """Insert the slot's card, or (``card``) the stored card of that name into the
+        empty slot; the slot keeps that card until a reload."""
         r = self._find(reader)
         self._check_slot(r, slot)
+        if card is not None:
+            if r.slots[slot].inserted:
+                raise ControlError(
+                    f"reader {r.config.name} slot {slot} holds a card: remove it first"
+                )
+            self._check_stored(card)
+            config = CardConfig(stored=card, origin=f"ctl insert {r.config.name}:{slot}")
+            try:
+                loaded = load_card(config, self.state_dir, self._now())
+            except UsbccidError as exc:
+                raise ControlError(str(exc)) from None
+            current = r.slots[slot]
+            _one_place(
+                [
+                    *self._slots_except(r, slot),
+                    (r.config.name, slot, replace(current.config, card=config), loaded),
+                ]
+            )
+            r.slots[slot] = _Slot(replace(current.config, card=config), loaded)
         self._insert(r, slot)
         self.poke()
 
@@ -276,11 +316,103 @@ class App:
         self._remove(r, slot)
         self.poke()
 
-    def reload(self) -> Mapping[str, Any]:
-        """Re-read the configuration file and the cards; swap the cards that changed.
+    def _check_stored(self, name: str) -> None:
+        """At run time a stored card must exist already: generating one takes seconds,
+        and the control socket answers on the event loop that serves the hosts."""
+        try:
+            directory = card_directory(self.state_dir, name)
+        except StateError as exc:
+            raise ControlError(str(exc)) from None
+        if not directory.is_dir():
+            raise ControlError(
+                f"no card named {name!r} in {self.state_dir} (make it with "
+                f"'usbccid card new --name {name}')"
+            )
 
-        Readers and their slots are fixed while running (the host has enumerated them):
-        a change there is reported as needing a restart.
+    def _slots_except(
+        self, skip: _Reader | None = None, skip_slot: int | None = None
+    ) -> list[tuple[str, int, cfg.SlotConfig | None, LoadedCard | None]]:
+        return [
+            (r.config.name, index, slot.config, slot.card)
+            for r in self.readers
+            for index, slot in enumerate(r.slots)
+            if not (r is skip and (skip_slot is None or index == skip_slot))
+        ]
+
+    def add_reader(
+        self,
+        name: str,
+        cards: Sequence[str | None] = ("default",),
+        identity: str | None = None,
+        bus_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        """Export a new reader at once (``ctl add-reader``): one slot per entry of
+        ``cards``, each a stored card's name (inserted) or None (an empty slot). It lasts
+        until removed, or until a reload of a configuration that does not have it."""
+        if any(r.config.name == name for r in self.readers):
+            raise ControlError(f"a reader named {name!r} exists")
+        if not cfg.READER_NAME.match(name):
+            raise ControlError(f"invalid reader name {name!r}")
+        if not 1 <= len(cards) <= 16:
+            raise ControlError("a reader has 1 to 16 slots")
+        for card in cards:
+            if card is not None:
+                self._check_stored(card)
+        origin = f"ctl add-reader {name}"
+        slots = tuple(
+            cfg.SlotConfig(card=CardConfig(stored=c, origin=f"{origin} slot {i}"))
+            if c is not None
+            else cfg.SlotConfig(card=None, inserted=False)
+            for i, c in enumerate(cards)
+        )
+        rc = cfg.ReaderConfig(
+            name=name,
+            bus_id=bus_id,
+            identity=cfg.IdentityConfig(preset=identity),
+            slots=slots,
+            origin=origin,
+        )
+        try:
+            loaded = [self._load(sc.card, origin) for sc in slots]
+        except UsbccidError as exc:
+            raise ControlError(str(exc)) from None
+        _one_place(
+            [
+                *self._slots_except(),
+                *(
+                    (name, i, sc, card)
+                    for i, (sc, card) in enumerate(zip(slots, loaded, strict=True))
+                ),
+            ]
+        )
+        try:
+            r = self._plug(rc, loaded)
+        except FrontendError as exc:
+            raise ControlError(str(exc)) from None
+        self.readers.append(r)
+        self._counters["readers_added"] = self._counters.get("readers_added", 0) + 1
+        log.info("reader %s added as bus id %s", name, r.busid)
+        self.poke()
+        return {"reader": name, "bus_id": r.busid}
+
+    def remove_reader(self, reader: str) -> Mapping[str, Any]:
+        """Unplug a reader (``ctl remove-reader``): its importer sees it disconnected."""
+        r = self._find(reader)
+        self._unplug(r)
+        self._counters["readers_removed"] = self._counters.get("readers_removed", 0) + 1
+        log.info("reader %s (bus id %s) removed", r.config.name, r.busid)
+        self.poke()
+        return {"reader": r.config.name, "bus_id": r.busid}
+
+    def reload(self) -> Mapping[str, Any]:
+        """Re-read the configuration file and make the running server match it.
+
+        Cards that changed are swapped (the host sees a removal and an insertion); readers
+        that are new are added, readers no longer configured are removed (their importer
+        sees an unplug), and readers whose identity, slot count or bus id changed are
+        replaced (unplugged, then added again, under the same bus id when it is free).
+        Runtime changes (``add-reader``, ``insert --card``) give way to the file. Every card
+        is loaded and checked first: if one fails, nothing changes.
         """
         if self.config.path is not None:
             try:
@@ -289,43 +421,84 @@ class App:
                 raise ControlError(f"configuration not reloaded: {exc}") from None
         else:
             new = self.config
+        running = {r.config.name: r for r in self.readers}
+        wanted = {rc.name: rc for rc in new.readers}
+        loaded: dict[str, list[LoadedCard | None]] = {}
+        for rc in new.readers:
+            try:
+                loaded[rc.name] = [self._load(sc.card, rc.origin) for sc in rc.slots]
+            except UsbccidError as exc:
+                raise ControlError(f"cards not reloaded: {exc}") from None
+        try:
+            _one_place(
+                (rc.name, index, sc, card)
+                for rc in new.readers
+                for index, (sc, card) in enumerate(zip(rc.slots, loaded[rc.name], strict=True))
+            )
+        except ControlError as exc:
+            raise ControlError(f"configuration not reloaded: {exc}") from None
+
+        def replugged(r: _Reader, rc: cfg.ReaderConfig) -> bool:
+            return (
+                len(rc.slots) != len(r.slots)
+                or rc.identity != r.config.identity
+                or (rc.bus_id is not None and rc.bus_id != r.busid)
+            )
+
+        removed = [name for name in running if name not in wanted]
+        replaced = [n for n, r in running.items() if n in wanted and replugged(r, wanted[n])]
+        for name in removed + replaced:
+            self._unplug(running[name])
         changed: list[str] = []
-        restart: list[str] = []
-        by_name = {rc.name: rc for rc in new.readers}
-        if [rc.name for rc in new.readers] != [r.config.name for r in self.readers]:
-            restart.append("the set of readers changed")
-        for r in self.readers:
-            rc = by_name.get(r.config.name)
-            if rc is None:
-                continue
-            if len(rc.slots) != len(r.slots) or rc.identity != r.config.identity:
-                restart.append(f"reader {r.config.name}: identity or slot count changed")
-                continue
+        for r in list(self.readers):
+            rc = wanted[r.config.name]
             for index, sc in enumerate(rc.slots):
-                try:
-                    loaded = self._load(sc.card, rc.origin)
-                except UsbccidError as exc:
-                    raise ControlError(f"cards not reloaded: {exc}") from None
+                card = loaded[rc.name][index]
                 old = r.slots[index]
-                same = (
-                    loaded is not None and old.card is not None and loaded.same_card(old.card)
-                ) or (loaded is None and old.card is None)
+                same = (card is not None and old.card is not None and card.same_card(old.card)) or (
+                    card is None and old.card is None
+                )
                 if same:
+                    r.slots[index] = _Slot(sc, old.card, old.inserted)
                     continue
                 was_in = old.inserted
                 self._remove(r, index)
-                r.slots[index] = _Slot(sc, loaded)
-                if loaded is not None and (was_in or sc.inserted):
+                r.slots[index] = _Slot(sc, card)
+                if card is not None and (was_in or sc.inserted):
                     self._insert(r, index)
                 changed.append(f"{r.config.name}:{index}")
+            r.config = rc
+        added = [name for name in wanted if name not in running]
+        failed: list[str] = []
+        for name in replaced + added:
+            try:
+                self.readers.append(self._plug(wanted[name], loaded[name]))
+            except FrontendError as exc:
+                failed.append(str(exc))
+        self._counters["readers_added"] = self._counters.get("readers_added", 0) + len(added)
+        self._counters["readers_removed"] = self._counters.get("readers_removed", 0) + len(removed)
+        order = {name: i for i, name in enumerate(wanted)}
+        self.readers.sort(key=lambda r: order.get(r.config.name, len(order)))
+        self.config = replace(self.config, readers=new.readers)
         self.poke()
         message = f"reloaded: {len(changed)} card(s) changed"
         if changed:
             message += f" ({', '.join(changed)})"
-        if restart:
-            message += "; restart needed for: " + "; ".join(restart)
+        for what, names in (("added", added), ("removed", removed), ("replaced", replaced)):
+            if names:
+                message += f"; reader(s) {what}: {', '.join(names)}"
+        if failed:
+            message += "; not added: " + "; ".join(failed)
         log.info("%s", message)
-        return {"changed": changed, "restart_needed": restart, "message": message}
+        return {
+            "changed": changed,
+            "added": added,
+            "removed": removed,
+            "replaced": replaced,
+            "failed": failed,
+            "restart_needed": [],
+            "message": message,
+        }
 
     # -- for humans ----------------------------------------------------------------
 

@@ -7,6 +7,9 @@ object, a request::
     {"command": "insert", "reader": "desk", "slot": 0}
     {"command": "remove", "reader": "1-1"}              # slot defaults to 0
     {"command": "reload"}
+    {"command": "insert", "reader": "desk", "slot": 1, "card": "alice"}   # a stored card
+    {"command": "add-reader", "name": "lab", "cards": ["bob", null], "identity": "qemu"}
+    {"command": "remove-reader", "reader": "lab"}
 
 and the server answers each with one reply datagram::
 
@@ -29,7 +32,16 @@ from usbccid.errors import UsbccidError
 
 MAX_DATAGRAM: Final = 65536
 SOCKET_NAME: Final = "control.sock"
-COMMANDS: Final = ("status", "insert", "remove", "reload")
+COMMANDS: Final = ("status", "insert", "remove", "reload", "add-reader", "remove-reader")
+#: the fields each command may carry beside "command"
+_FIELDS: Final = {
+    "status": (),
+    "reload": (),
+    "insert": ("reader", "slot", "card"),
+    "remove": ("reader", "slot"),
+    "add-reader": ("name", "cards", "identity", "bus_id"),
+    "remove-reader": ("reader",),
+}
 
 
 class ControlError(UsbccidError):
@@ -70,11 +82,35 @@ class ServerState(Protocol):
 
     def status(self) -> ServerStatus: ...
 
-    def insert(self, reader: str, slot: int) -> None:
-        """Insert the slot's card; the host sees NotifySlotChange.
+    def insert(self, reader: str, slot: int, card: str | None = None) -> None:
+        """Insert the slot's card (or the stored card ``card`` into the empty slot); the
+        host sees NotifySlotChange.
 
         Raises:
-            ControlError: no such reader or slot, or the slot holds no card.
+            ControlError: no such reader, slot or card, the slot holds no card, or the
+                card is in another slot.
+        """
+        ...
+
+    def add_reader(
+        self,
+        name: str,
+        cards: Sequence[str | None] = ("default",),
+        identity: str | None = None,
+        bus_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        """Export a new reader now; returns {"reader", "bus_id"}.
+
+        Raises:
+            ControlError: the name or bus id is taken, a card cannot be had.
+        """
+        ...
+
+    def remove_reader(self, reader: str) -> Mapping[str, Any]:
+        """Unplug a reader; its importer sees a disconnect.
+
+        Raises:
+            ControlError: no such reader.
         """
         ...
 
@@ -125,7 +161,7 @@ def _parse_request(data: bytes) -> Mapping[str, Any]:
     command = request.get("command")
     if command not in COMMANDS:
         raise ControlError(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
-    allowed = {"command"} | ({"reader", "slot"} if command in ("insert", "remove") else set())
+    allowed = {"command", *_FIELDS[command]}
     unknown = sorted(set(request) - allowed)
     if unknown:
         raise ControlError(f"unexpected field {unknown[0]!r} in {command} request")
@@ -138,17 +174,39 @@ def _dispatch(request: Mapping[str, Any], state: ServerState) -> Any:
         return status_to_json(state.status())
     if command == "reload":
         return dict(state.reload())
+    if command == "add-reader":
+        return dict(_add_reader(request, state))
     reader = request.get("reader")
     if not isinstance(reader, str) or not reader:
         raise ControlError(f"{command} needs a reader (its name or bus id)")
+    if command == "remove-reader":
+        return dict(state.remove_reader(reader))
     slot = request.get("slot", 0)
     if not isinstance(slot, int) or isinstance(slot, bool) or slot < 0:
         raise ControlError(f"slot must be a non-negative integer, got {slot!r}")
     if command == "insert":
-        state.insert(reader, slot)
-    else:
-        state.remove(reader, slot)
+        card = request.get("card")
+        if card is not None and (not isinstance(card, str) or not card):
+            raise ControlError(f"card must be a stored card's name, got {card!r}")
+        state.insert(reader, slot, card)
+        return {"reader": reader, "slot": slot, **({"card": card} if card else {})}
+    state.remove(reader, slot)
     return {"reader": reader, "slot": slot}
+
+
+def _add_reader(request: Mapping[str, Any], state: ServerState) -> Mapping[str, Any]:
+    name = request.get("name")
+    if not isinstance(name, str) or not name:
+        raise ControlError("add-reader needs a name")
+    cards = request.get("cards", ["default"])
+    if not isinstance(cards, list) or not all(c is None or isinstance(c, str) for c in cards):
+        raise ControlError("cards must be a list of stored card names (or null: empty slot)")
+    identity = request.get("identity")
+    bus_id = request.get("bus_id")
+    for key, value in (("identity", identity), ("bus_id", bus_id)):
+        if value is not None and not isinstance(value, str):
+            raise ControlError(f"{key} must be a string")
+    return state.add_reader(name, cards, identity, bus_id)
 
 
 def status_to_json(status: ServerStatus) -> dict[str, Any]:
@@ -191,7 +249,10 @@ def status_from_json(obj: Mapping[str, Any]) -> ServerStatus:
 # --------------------------------------------------------------------------- client side
 
 
-def encode_request(command: str, reader: str | None = None, slot: int | None = None) -> bytes:
+def encode_request(
+    command: str, reader: str | None = None, slot: int | None = None, **fields: Any
+) -> bytes:
+    """A request datagram; ``fields`` are the command's other fields (None: left out)."""
     if command not in COMMANDS:
         raise ControlError(f"unknown command {command!r}")
     request: dict[str, Any] = {"command": command}
@@ -199,6 +260,7 @@ def encode_request(command: str, reader: str | None = None, slot: int | None = N
         request["reader"] = reader
     if slot is not None:
         request["slot"] = slot
+    request.update({k: v for k, v in fields.items() if v is not None})
     return json.dumps(request).encode()
 
 
