@@ -331,7 +331,8 @@ def test_takeover_only_when_the_driver_says_so() -> None:
     new = Pair(exporter, peer="10.0.0.5:1002")
     assert new.import_("1-1").status == wire.OpStatus.OK
     assert asked == [("10.0.0.5:1000", "10.0.0.5:1001"), ("10.0.0.5:1000", "10.0.0.5:1002")]
-    assert old.conn.should_close and old.conn.device is None
+    assert old.conn.should_close
+    assert old.conn.device is None
     assert exporter.status()[0].imported_by == "10.0.0.5:1002"
     old.conn.connection_lost()  # the old socket closing later does not free the new import
     assert exporter.status()[0].imported_by == "10.0.0.5:1002"
