@@ -362,7 +362,7 @@ def test_sigkill_during_pin_verify_and_change(tmp_path: Path) -> None:
             seqnum, raw = imp.submit_raw(BULK_OUT, OUT, len(cmd), cmd)
             in_seq, in_raw = imp.submit_raw(BULK_IN, IN, READ)
             killer = threading.Timer(
-                rng.uniform(0, 0.01), os.kill, (server.process.pid, signal.SIGKILL)
+                rng.uniform(0, 0.03), os.kill, (server.process.pid, signal.SIGKILL)
             )
             imp.sock.sendall(raw + in_raw)
             killer.start()
