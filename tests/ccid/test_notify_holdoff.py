@@ -5,9 +5,10 @@ libccid 1.5.2's multi-slot polling thread (ccid_usb.c Multi_PollingProc) sets it
 another thread (Multi_ReadProc's bulk read handles libusb events too) is then lost, and the
 thread waits forever: the reader's card events are dead (fixed upstream in 1.7.0, commit
 571eaf8). Seen in the guest when the reader answered a fresh URB at once, which it did at
-every import and whenever a change came between two URBs. So after each NotifySlotChange,
-and after an import, the next one waits ``notify_holdoff`` seconds (armed with the driver's
-next ``now``), and the URB it completes has been pending that long.
+every import and whenever a change came between two URBs. So a notification goes out only
+once an interrupt poll has seen it pending for ``notify_holdoff`` seconds (armed with the
+driver's next ``now``, which follows every poll): the URB it completes has been pending at
+least that long.
 """
 
 from __future__ import annotations
@@ -31,65 +32,80 @@ def test_the_default_holdoff_is_short_and_before_the_first_repeat() -> None:
     assert 0.05 <= config.notify_holdoff < config.renotify_interval
 
 
+def released(reader: CcidReader, now: float) -> bytes | None:
+    """What the driver does: a poll (a URB came, or a poke), its next ``now``, the timer."""
+    first = notification(reader)
+    reader.next_job(now)
+    if first is not None:
+        return first
+    when = reader.get_timer()
+    assert when is not None
+    assert when == pytest.approx(now + HOLDOFF)
+    reader.handle_timer(when)
+    return notification(reader)
+
+
 def test_the_first_notification_after_an_import_waits() -> None:
     reader = CcidReader([EchoCard(), None])
-    assert notification(reader) is None  # the URB of the import: held
+    assert notification(reader) is None  # the URB of the import: seen, held
     assert reader.next_job(10.0) is None  # the driver's call after the event arms it
     assert reader.get_timer() == 10.0 + HOLDOFF
     reader.handle_timer(10.0 + HOLDOFF / 2)
     assert notification(reader) is None
     reader.handle_timer(10.0 + HOLDOFF)
     assert notification(reader) == b"\x50\x03"
+    assert notification(reader) is None
 
 
-def test_a_change_right_after_a_notification_waits_for_the_holdoff() -> None:
+def test_a_change_while_a_urb_is_parked_waits_too() -> None:
     reader = CcidReader([EchoCard(), None])
-    reader.next_job(0.0)
-    reader.handle_timer(HOLDOFF)
-    assert notification(reader) == b"\x50\x03"
-    reader.insert(1, EchoCard())  # while the host is between two URBs
-    assert reader.next_job(1.0) is None
-    assert notification(reader) is None  # the next URB is fresh: not at once
-    assert reader.get_timer() == 1.0 + HOLDOFF
-    reader.handle_timer(1.0 + HOLDOFF)
-    assert notification(reader) == b"\x50\x0d"
-    exchange(reader, GetSlotStatus(0, 1), now=1.3)  # the host looks at both slots
-    exchange(reader, GetSlotStatus(1, 2), now=1.3)
-    # a change long after the last notification: the hold-off is long over
+    assert released(reader, 0.0) == b"\x50\x03"
+    exchange(reader, GetSlotStatus(0, 1), now=0.5)  # the host looked at slot 0
+    assert notification(reader) is None  # the next URB, parked: nothing to say
+    reader.insert(1, EchoCard())  # then the poke
+    assert released(reader, 3.0) == b"\x50\x0d"
+
+
+def test_a_urb_that_comes_late_with_a_change_pending_is_not_answered_at_once() -> None:
+    # The host's polling thread resubmits long after the last completion (a loaded guest):
+    # the change waits for it, and then the hold-off still runs from the URB's arrival.
+    reader = CcidReader([EchoCard(), None])
+    assert released(reader, 0.0) == b"\x50\x03"
+    exchange(reader, GetSlotStatus(0, 1), now=0.1)
+    reader.insert(1, EchoCard())  # no URB parked: nobody polls
+    reader.next_job(0.2)
     reader.handle_timer(5.0)
-    reader.remove(1)
-    assert notification(reader) == b"\x50\x09"
+    assert notification(reader) is None  # the URB arrives at 5.0: not at once
+    reader.next_job(5.0)
+    assert reader.get_timer() == 5.0 + HOLDOFF
+    reader.handle_timer(5.0 + HOLDOFF)
+    assert notification(reader) == b"\x50\x0d"
 
 
 def test_repeats_are_held_too() -> None:
     reader = CcidReader([EchoCard(), None])
-    reader.next_job(0.0)
-    reader.handle_timer(HOLDOFF)
+    assert released(reader, 0.0) == b"\x50\x03"
+    reader.next_job(HOLDOFF)  # arms the repeat: nobody asked slot 0's status
+    repeat_at = HOLDOFF + ReaderConfig().renotify_interval
+    assert reader.get_timer() == pytest.approx(repeat_at)
+    reader.handle_timer(repeat_at)  # the repeat is due; the parked URB is polled
+    assert notification(reader) is None  # seen: held
+    reader.next_job(repeat_at)
+    assert reader.get_timer() == pytest.approx(repeat_at + HOLDOFF)
+    reader.handle_timer(repeat_at + HOLDOFF)
     assert notification(reader) == b"\x50\x03"
-    reader.next_job(HOLDOFF)
-    # the repeat (nobody asked slot 0's status) comes renotify_interval later, after the
-    # hold-off ended: the hold-off first, then the repeat
-    assert reader.get_timer() == 2 * HOLDOFF
-    reader.handle_timer(2 * HOLDOFF)
-    assert notification(reader) is None  # nothing to say yet
-    repeat = HOLDOFF + ReaderConfig().renotify_interval
-    assert reader.get_timer() == pytest.approx(repeat)
-    reader.handle_timer(repeat)
-    assert notification(reader) == b"\x50\x03"
-    reader.next_job(repeat)
-    assert reader.get_timer() == pytest.approx(repeat + HOLDOFF)  # held again
 
 
 def test_reset_holds_again() -> None:
     reader = CcidReader([EchoCard(), EchoCard()])
-    reader.next_job(0.0)
-    reader.handle_timer(HOLDOFF)
-    assert notification(reader) == b"\x50\x0f"
-    reader.reset()
+    assert notification(reader) is None
+    reader.reset()  # a new import before the hold-off was armed: it starts over
     assert notification(reader) is None
     reader.next_job(3.0)
     reader.handle_timer(3.0 + HOLDOFF)
     assert notification(reader) == b"\x50\x0f"
+    reader.reset()
+    assert released(reader, 9.0) == b"\x50\x0f"
 
 
 def test_one_slot_readers_are_not_held() -> None:

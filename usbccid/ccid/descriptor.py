@@ -107,9 +107,9 @@ class ReaderConfig:
     renotify_interval: float = 0.25
     renotify_max_interval: float = 2.0
     renotify_limit: int = 8
-    # Multi-slot readers never answer an interrupt-IN URB the moment it comes: after each
-    # NotifySlotChange (and after an import) the next one waits this long, so the URB that
-    # libccid submits next has been pending for about this long when it completes (see
+    # Multi-slot readers never answer an interrupt-IN URB the moment it comes: a
+    # NotifySlotChange goes out once an interrupt poll has seen it pending this long, so
+    # the URB it completes has been pending at least this long (see
     # CcidReader._poll_interrupt_in: libccid 1.5.2 loses a completion that comes too soon).
     notify_holdoff: float = 0.2
 

@@ -186,10 +186,11 @@ class CcidReader:
         self._out: deque[_Outgoing] = deque()
         self._out_offset = 0
         self._jobs: deque[CardJob] = deque()
-        # Multi-slot readers: no NotifySlotChange until notify_holdoff after the last one
-        # (or after the import); the deadline is armed with the next `now`.
-        self._notify_held = False
-        self._notify_hold_until: float | None = None
+        # Multi-slot readers: a NotifySlotChange goes out only once an interrupt poll has
+        # seen it pending for notify_holdoff (armed with the next `now`).
+        self._notify_seen = False
+        self._notify_ready = False
+        self._notify_ready_at: float | None = None
         self.reset()
 
     # ---------------------------------------------------------------- local API
@@ -376,8 +377,8 @@ class CcidReader:
     def get_timer(self) -> float | None:
         deadlines = [s.next_extension for s in self._slots if s.next_extension is not None]
         deadlines += [s.renotify_at for s in self._slots if s.renotify_at is not None]
-        if self._notify_hold_until is not None:
-            deadlines.append(self._notify_hold_until)
+        if self._notify_ready_at is not None and not self._notify_ready:
+            deadlines.append(self._notify_ready_at)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
@@ -386,9 +387,8 @@ class CcidReader:
         bulk-IN completion carries at most one, and never with the final reply. Also
         repeats the unanswered slot notifications of a multi-slot reader (_renotify) and
         ends its notification hold-off."""
-        if self._notify_hold_until is not None and now >= self._notify_hold_until:
-            self._notify_held = False
-            self._notify_hold_until = None
+        if self._notify_ready_at is not None and now >= self._notify_ready_at:
+            self._notify_ready = True
         self._renotify(now)
         interval = self.config.time_extension_interval
         for record in self._slots:
@@ -493,14 +493,18 @@ class CcidReader:
         that is rarely pending already; ours had one pending whenever a change (or a
         repeat) came while the host was between two URBs, and always at import. Seen in
         the guest (tests/vm/test_pcscd.py): the polling thread stuck after its "waiting"
-        log line, the slot threads waiting on its broadcast. So after each notification,
-        and after an import, the next one waits ``notify_holdoff`` seconds: the URB it
-        completes has been submitted long before.
+        log line, the slot threads waiting on its broadcast. So a notification goes out
+        only once an interrupt poll has seen it pending for ``notify_holdoff`` seconds: a
+        URB that arrives with a change pending is answered that much later, never at once
+        (the first one after an import, one resubmitted after a completion however late
+        the host's thread gets to it), and a change that comes while a URB is parked
+        waits as long.
         """
-        if self._notify_held:
-            return None
         if not any(record.changed for record in self._slots):
             return None  # nothing changed since the last report: keep the URB parked
+        if self._holds_notifications and not self._notify_ready:
+            self._notify_seen = True  # the hold-off starts with the next `now`
+            return None
         message = build_notify_slot_change(
             [record.card is not None for record in self._slots],
             [record.changed for record in self._slots],
@@ -515,15 +519,18 @@ class CcidReader:
         self._hold_notifications()
         return message
 
+    @property
+    def _holds_notifications(self) -> bool:
+        return len(self._slots) > 1 and self.config.notify_holdoff > 0
+
     def _hold_notifications(self) -> None:
-        """Multi-slot readers: hold the next NotifySlotChange for notify_holdoff."""
-        if len(self._slots) > 1 and self.config.notify_holdoff > 0:
-            self._notify_held = True
-            self._notify_hold_until = None  # armed by the next _arm_renotify(now)
+        """Start over: the next NotifySlotChange waits to be seen for notify_holdoff."""
+        self._notify_seen = self._notify_ready = False
+        self._notify_ready_at = None
 
     def _arm_renotify(self, now: float) -> None:
-        if self._notify_held and self._notify_hold_until is None:
-            self._notify_hold_until = now + self.config.notify_holdoff
+        if self._notify_seen and self._notify_ready_at is None:
+            self._notify_ready_at = now + self.config.notify_holdoff
         for record in self._slots:
             if record.announced and record.renotify_at is None and not record.changed:
                 delay = self.config.renotify_interval * 2**record.renotify_count
