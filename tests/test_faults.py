@@ -8,7 +8,7 @@
 * ``usbccid serve`` killed with SIGKILL during PIN verification and PIN change: the retry
   counter never rises back, and the PIN is the old or the new one, never lost.
 * ``USBCCID_FAULT_READERS`` readers x ``USBCCID_FAULT_APDUS`` APDUs through one
-  ``usbccid serve`` (256 x 40 in CI; 256 x 10,000 by hand): no error, flat RSS.
+  ``usbccid serve`` (256 x 20 in CI; 256 x 10,000 by hand): no error, flat RSS.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def test_importers_killed_with_rst_at_random_points(
 
 # -- SIGKILL during PIN commands ---------------------------------------------------------------
 
-SIGKILL_ROUNDS = int(os.environ.get("USBCCID_FAULT_SIGKILL_ROUNDS", "8"))
+SIGKILL_ROUNDS = int(os.environ.get("USBCCID_FAULT_SIGKILL_ROUNDS", "5"))
 OLD_PIN, NEW_PIN = b"13572468", b"24681357"
 
 
@@ -410,7 +410,7 @@ def test_sigkill_during_pin_verify_and_change(tmp_path: Path) -> None:
 # -- many readers, many APDUs ----------------------------------------------------------------
 
 MANY_READERS = int(os.environ.get("USBCCID_FAULT_READERS", "256"))
-MANY_APDUS = int(os.environ.get("USBCCID_FAULT_APDUS", "40"))
+MANY_APDUS = int(os.environ.get("USBCCID_FAULT_APDUS", "20"))
 SELECT_PKI = bytes.fromhex("00a4040007a000000079010000")
 PIN_STATUS = bytes.fromhex("00200000")
 

@@ -389,7 +389,7 @@ def test_two_readers_three_slots_apdus_and_card_events(
 
 #: Rounds of the two-slot scenario below in one boot: a few in every CI run, 20 by hand
 #: (USBCCID_VM_ROUNDS=20) for the done-when of issue 11.
-ROUNDS = int(os.environ.get("USBCCID_VM_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("USBCCID_VM_ROUNDS", "2"))
 
 
 def test_two_slot_events_after_slow_command_repeated(
