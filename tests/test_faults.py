@@ -471,6 +471,8 @@ def test_many_readers_many_apdus_flat_rss(tmp_path: Path) -> None:
             while not all(f.done() for f in futures):
                 time.sleep(1)
                 rss.append(rss_kib(pid))
+                if len(rss) % 300 == 0:  # a long run (by hand) says how it goes
+                    print(f"  {done[0]} APDUs, server RSS {rss[-1]} KiB", flush=True)
             for f in futures:
                 f.result()
         elapsed = time.monotonic() - t0
