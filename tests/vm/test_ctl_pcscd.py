@@ -155,7 +155,7 @@ def test_readers_added_and_removed_at_run_time_seen_by_pcscd(
         r = vm_guest.run(
             f"""
             set -e
-            pcscd-restart
+            pcscd-start
             rm -f /tmp/session.stop /tmp/session.started
             {usbip} attach -r {HOST} -b 1-1
             wait-for 90 sh -c 'opensc-tool -l | grep -qF "usbccid reader0"'
@@ -192,7 +192,6 @@ def test_readers_added_and_removed_at_run_time_seen_by_pcscd(
             wait-for 60 sh -c '! opensc-tool -l 2>/dev/null | grep -qF "usbccid lab"'
             wait-for 30 sh -c '[ "$(usbip port | grep -c "^Port")" = 1 ]'
             opensc-tool -l
-            sleep 1
             touch /tmp/session.stop
             wait-for 30 sh -c 'grep -q seconds /tmp/session.out'
             cat /tmp/session.out
