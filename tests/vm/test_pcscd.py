@@ -470,7 +470,7 @@ identity = {{ preset = "vmware", serial_number = "{serial}" }}
   card = "default"
 
   [[reader.slot]]
-  card = "default"
+  card = "second"                # a card is in one slot only (one PIN retry counter)
   inserted = false
 """
 CLI_SERIAL = "VMPCSCDESK"
@@ -538,6 +538,8 @@ class CliServer:
 def cli_server(tmp_path: Path, usbccid_state_template: Path) -> Iterator[CliServer]:
     state = tmp_path / "state"
     shutil.copytree(usbccid_state_template, state)  # the default card, generated once
+    # the second slot's card: a copy of the default card, with a PIN state of its own
+    shutil.copytree(state / "cards" / "default", state / "cards" / "second")
     config = tmp_path / "usbccid.toml"
     config.write_text(CLI_CONFIG.format(serial=CLI_SERIAL))
     server = CliServer(state, config, tmp_path / "serve.log")
