@@ -472,7 +472,7 @@ def test_many_readers_many_apdus_flat_rss(tmp_path: Path) -> None:
                 time.sleep(1)
                 rss.append(rss_kib(pid))
                 if len(rss) % 300 == 0:  # a long run (by hand) says how it goes
-                    print(f"  {done[0]} APDUs, server RSS {rss[-1]} KiB", flush=True)
+                    print(f"  {done[0]} APDUs, {len(errors)} errors, RSS {rss[-1]} KiB", flush=True)
             for f in futures:
                 f.result()
         elapsed = time.monotonic() - t0
