@@ -5,16 +5,17 @@ Usage::
     .venv/bin/python scripts/bench_load.py [--readers 1,16,256] [--seconds 10]
         [--warmup 2] [--source DIR] [--json FILE]
 
-For each N it writes a configuration of N readers (one slot each, all holding the same
-stored card of a fresh state directory, generated once beforehand by ``usbccid serve
---check``), starts ``usbccid serve --port 0`` as a subprocess, and times how long the
-process takes from exec to its first banner line (printed once it listens). Then a lean
-client of its own (asyncio protocols, plain USB/IP bytes, no pyusb, no kernel) imports
-every reader over loopback, powers the card on, SELECTs the PKI applet and, from every
-importer at once, repeats exchanges for ``--seconds``: alternately SELECT (P2=0C, 12
-bytes in, 2 out) and READ BUFFER (240 bytes out). One exchange is what libccid does for
-one APDU: a bulk-OUT CMD_SUBMIT carrying PC_to_RDR_XfrBlock and a bulk-IN CMD_SUBMIT for
-the RDR_to_PC_DataBlock (sent together in one write, as vhci sends URBs queued together).
+For each N it writes a configuration of N readers (one slot each, reader N holding the
+stored card "rN" of a fresh state directory: r0 generated once beforehand by ``usbccid
+serve --check``, the others copies of it, since a card is in one slot at a time), starts
+``usbccid serve --port 0`` as a subprocess, and times how long the process takes from
+exec to its first banner line (printed once it listens). Then a lean client of its own
+(asyncio protocols, plain USB/IP bytes, no pyusb, no kernel) imports every reader over
+loopback, powers the card on, SELECTs the PKI applet and, from every importer at once,
+repeats exchanges for ``--seconds``: alternately SELECT (P2=0C, 12 bytes in, 2 out) and
+READ BUFFER (240 bytes out). One exchange is what libccid does for one APDU: a bulk-OUT
+CMD_SUBMIT carrying PC_to_RDR_XfrBlock and a bulk-IN CMD_SUBMIT for the
+RDR_to_PC_DataBlock (sent together in one write, as vhci sends URBs queued together).
 
 Printed per N: aggregate exchanges/s, p50/p99 latency (write of the pair to the arrival
 of the DataBlock), the server's CPU time per exchange (utime + stime of its
@@ -38,6 +39,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import struct
 import subprocess
@@ -306,10 +308,20 @@ async def run_clients(
 
 
 def write_config(path: Path, readers: int) -> None:
+    """``readers`` readers, reader N holding the stored card "rN" (see :func:`copy_cards`)."""
     lines = ['[server]\nhost = "127.0.0.1"\n']
     for n in range(readers):
-        lines.append(f'[[reader]]\nname = "r{n}"\n  [[reader.slot]]\n  card = "default"\n')
+        lines.append(f'[[reader]]\nname = "r{n}"\n  [[reader.slot]]\n  card = "r{n}"\n')
     path.write_text("\n".join(lines))
+
+
+def copy_cards(state: Path, readers: int) -> None:
+    """Stored cards r0..rN-1 as copies of r0: a card is in one slot at a time, and a copy
+    is a card of its own (its own PIN state) with the same, already generated, keys."""
+    cards = state / "cards"
+    for n in range(1, readers):
+        if not (cards / f"r{n}").exists():
+            shutil.copytree(cards / "r0", cards / f"r{n}")
 
 
 def server_env(source: Path | None) -> dict[str, str]:
@@ -437,7 +449,7 @@ def main() -> None:
         config = state / "readers-1.toml"
         write_config(config, 1)
         state_arg = ("--state-dir", str(state))
-        # Generate the stored card once, untimed (RSA key generation).
+        # Generate the stored card r0 once, untimed (RSA key generation).
         subprocess.run(
             [
                 sys.executable,
@@ -454,6 +466,7 @@ def main() -> None:
             env=server_env(args.source),
             cwd=state,
         )
+        copy_cards(state, max(counts))
         results = [bench(n, args, state) for n in counts]
 
     base_rss = next((r["rss_load"] for r in results if r["readers"] == 1), None)

@@ -135,6 +135,21 @@ def test_serve_check(hsm: SoftHsm, nss_db: NssDb, tmp_path: Path) -> None:
     assert_one_line_error(result, f"{bad}:7: NSS database sql:{nss_db.directory}: wrong password")
 
 
+def test_a_token_or_database_in_two_slots_is_refused(
+    hsm: SoftHsm, nss_db: NssDb, tmp_path: Path
+) -> None:
+    # One token login (one PIN retry counter on the token), one card: as for stored cards.
+    env = usbccid_env({"SOFTHSM2_CONF": str(hsm.conf)})
+    state = tmp_path / "state"
+    twice = write_config(tmp_path, hsm_table(hsm), hsm_table(hsm))
+    result = run("serve", "--config", twice, "--state-dir", state, "--check", env=env)
+    assert_one_line_error(result, "is in two slots", "reader r0 slot 0", "reader r1 slot 0")
+    twice = write_config(tmp_path, nss_table(nss_db), nss_table(nss_db, certs='"cert1"'))
+    result = run("serve", "--config", twice, "--state-dir", state, "--check", env=env)
+    assert_one_line_error(result, "NSS database", "is in two slots", "one slot only")
+    # a token and a database side by side: fine (test_serve_check)
+
+
 @pytest.mark.parametrize(
     ("table", "needles"),
     [

@@ -574,7 +574,7 @@ def test_insert_remove_notify_only_on_change() -> None:
 
 
 def test_interrupt_never_more_than_max_length() -> None:
-    reader = CcidReader([EchoCard()] * 8)  # 1 + 2 bytes
+    reader = CcidReader([EchoCard()] * 8, config=ReaderConfig(notify_holdoff=0))  # 1 + 2 bytes
     assert reader.poll_in(INTERRUPT_IN, 2) is None
     assert reader.poll_in(INTERRUPT_IN, 3) == b"\x50\xff\xff"
 
@@ -682,7 +682,7 @@ def test_no_time_extension_for_power_on() -> None:
 
 def test_multi_slot_independent_slots() -> None:
     cards = [EchoCard(), EchoCard(), None]
-    reader = CcidReader(cards)
+    reader = CcidReader(cards, config=ReaderConfig(notify_holdoff=0))  # see test_notify_holdoff
     assert reader.interface.extra[4] == 2  # bMaxSlotIndex
     assert reader.poll_in(INTERRUPT_IN, 8) == bytes([0x50, 0b0000_1111])
     assert exchange(reader, IccPowerOn(0, 1)).command_status is CommandStatus.OK

@@ -17,6 +17,10 @@ from usbccid.ccid.errors import IccStatus
 from usbccid.ccid.testcard import EchoCard
 from usbccid.ccid.wire import GetSlotStatus, SlotStatus
 
+#: These tests are about the repeats; the hold-off before each notification (which shifts
+#: every timer) has its own tests in tests/ccid/test_notify_holdoff.py.
+NO_HOLDOFF = ReaderConfig(notify_holdoff=0)
+
 
 def notification(reader: CcidReader) -> bytes | None:
     return reader.poll_in(INTERRUPT_IN, INTERRUPT_READ)
@@ -24,7 +28,7 @@ def notification(reader: CcidReader) -> bytes | None:
 
 def settled_two_slot_reader() -> CcidReader:
     """A two-slot reader (card in slot 0) whose initial notification the host has seen."""
-    reader = CcidReader([EchoCard(), None])
+    reader = CcidReader([EchoCard(), None], config=NO_HOLDOFF)
     assert notification(reader) == b"\x50\x03"
     assert reader.next_job(0.0) is None  # the driver's call after every event: arms
     assert reader.get_timer() == 0.25
@@ -78,7 +82,7 @@ def test_a_status_asked_before_the_change_does_not_count() -> None:
 
 
 def test_renotify_backs_off_then_gives_up() -> None:
-    reader = CcidReader([None, None], config=ReaderConfig(renotify_limit=5))
+    reader = CcidReader([None, None], config=ReaderConfig(renotify_limit=5, notify_holdoff=0))
     reader.insert(0, EchoCard())
     sent = [notification(reader)]
     now = 0.0
@@ -109,7 +113,7 @@ def test_one_slot_reader_notifies_once() -> None:
 
 
 def test_reset_forgets_pending_repeats() -> None:
-    reader = CcidReader([EchoCard(), EchoCard()])
+    reader = CcidReader([EchoCard(), EchoCard()], config=NO_HOLDOFF)
     assert notification(reader) == b"\x50\x0f"
     reader.next_job(0.0)
     assert reader.get_timer() == 0.25

@@ -140,6 +140,8 @@ def test_example_configuration_is_valid(tmp_path: Path) -> None:
         ),
         ("[server]\nport = '3240'\n", 2, "server.port: expected an integer, got a string"),
         ("[server]\nport = 70000\n", 2, "out of range"),
+        ("[server]\nkeepalive_idle = 0\n", 2, "server.keepalive_idle: must be 1 to 3600, got 0"),
+        ("[server]\nkeepalive_count = 'x'\n", 2, "keepalive_count: expected an integer"),
         ("[server]\nallow = '10.0.0.0/8'\n", 2, "server.allow: expected an array"),
         ("[server]\nallow = ['10.0.0.1/8']\n", 2, "host bits set (did you mean 10.0.0.0/8?)"),
         ("[server]\nallow = [\n  '10.0.0.0/8',\n  'example.com',\n]\n", 4, "not an IP network"),
@@ -241,6 +243,16 @@ def test_key_locator_follows_toml_structure() -> None:
     assert loc.line_of(("b", 1, "c", "z", "k", 1)) == 8
     assert loc.line_of(("b", 1, "c", "w", "v")) == 10
     assert loc.line_of(("b", 1, "c", "nothing")) == 7
+
+
+def test_keepalive_settings() -> None:
+    server = parse(
+        "[server]\nkeepalive_idle = 5\nkeepalive_interval = 2\nkeepalive_count = 4\n"
+    ).server
+    assert (server.keepalive_idle, server.keepalive_interval, server.keepalive_count) == (5, 2, 4)
+    default = parse("").server
+    window = default.keepalive_idle + default.keepalive_interval * default.keepalive_count
+    assert window <= 60  # a vanished importer frees its device within a minute
 
 
 def test_allow_list() -> None:

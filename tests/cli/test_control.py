@@ -33,6 +33,8 @@ class FakeState:
         self.slots = {("desk", 0): "present", ("desk", 1): "empty"}
         self.calls: list[tuple[str, str, int]] = []
         self.typed: list[tuple[list[str], bool]] = []
+        self.cards: list[str | None] = []
+        self.added: list[tuple[str, list[str | None], str | None, str | None]] = []
 
     def status(self) -> ServerStatus:
         return ServerStatus(
@@ -64,9 +66,25 @@ class FakeState:
             raise ControlError(f"no slot {slot}")
         return ("desk", slot)
 
-    def insert(self, reader: str, slot: int) -> None:
+    def insert(self, reader: str, slot: int, card: str | None = None) -> None:
         self.slots[self._slot(reader, slot)] = "present"
         self.calls.append(("insert", reader, slot))
+        self.cards.append(card)
+
+    def add_reader(
+        self,
+        name: str,
+        cards: Sequence[str | None] = ("default",),
+        identity: str | None = None,
+        bus_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        self.added.append((name, list(cards), identity, bus_id))
+        return {"reader": name, "bus_id": bus_id or "1-2"}
+
+    def remove_reader(self, reader: str) -> Mapping[str, Any]:
+        find_reader([("desk", "1-1")], reader)
+        self.calls.append(("remove-reader", reader, 0))
+        return {"reader": "desk", "bus_id": "1-1"}
 
     def remove(self, reader: str, slot: int) -> None:
         self.slots[self._slot(reader, slot)] = "empty"

@@ -275,3 +275,64 @@ def test_garbage_after_import_only_raises_remote_error(chunks: list[bytes], eof:
     except UsbipRemoteError:
         assert p.conn.should_close
         assert exporter.status()[0].imported_by is None  # released for the next import
+
+
+# -- devices that come and go (issue 11) ------------------------------------------------
+
+
+def test_bus_ids_are_never_reused_for_another_device() -> None:
+    exporter, _ = three_devices()
+    exporter.remove("1-2")
+    assert list(exporter.devices) == ["1-1", "1-3"]
+    assert exporter.add(VirtualDevice(LOOPBACK_IDENTITY, LoopbackFunction())) == "1-4"
+    # asked for explicitly (the same reader again), a free one is given
+    assert exporter.add(VirtualDevice(LOOPBACK_IDENTITY, LoopbackFunction()), "1-2") == "1-2"
+    with pytest.raises(ValueError, match="in use"):
+        exporter.add(VirtualDevice(LOOPBACK_IDENTITY, LoopbackFunction()), "1-3")
+    for bad in ("2-1", "1-0", "1-01", "1-x", "1-65536", ""):
+        with pytest.raises(ValueError, match="is not 1-N"):
+            exporter.add(VirtualDevice(LOOPBACK_IDENTITY, LoopbackFunction()), bad)
+    reply = wire.parse_op_rep_devlist(Pair(exporter).op(wire.OpReqDevlist()))
+    assert [e.device.busid for e in reply.devices] == ["1-1", "1-3", "1-4", "1-2"]
+
+
+def test_removing_an_imported_device_unplugs_its_importer() -> None:
+    exporter, _ = three_devices()
+    p = Pair(exporter)
+    assert p.import_("1-2").status == wire.OpStatus.OK
+    p.submit(2, IN, 64)  # a parked URB
+    assert exporter.device("1-2").parked_count == 1
+    device = exporter.remove("1-2")
+    assert p.conn.should_close  # the driver closes the socket: vhci sees a disconnect
+    assert p.conn.device is None
+    assert device.parked_count == 0  # reset
+    assert [s.busid for s in exporter.status()] == ["1-1", "1-3"]
+    assert Pair(exporter).import_("1-2").status == wire.OpStatus.NODEV
+    with pytest.raises(KeyError):
+        exporter.remove("1-2")
+
+
+def test_takeover_only_when_the_driver_says_so() -> None:
+    exporter, _ = three_devices()
+    old = Pair(exporter, peer="10.0.0.5:1000")
+    assert old.import_("1-1").status == wire.OpStatus.OK
+    asked: list[tuple[str, str]] = []
+    verdict = False
+
+    def takeover(holder: object, claimant: object) -> bool:
+        assert holder is old.conn
+        asked.append((old.conn.peer, getattr(claimant, "peer", "")))
+        return verdict
+
+    assert Pair(exporter).import_("1-1").status == wire.OpStatus.DEV_BUSY  # no policy: busy
+    exporter.takeover = takeover
+    assert Pair(exporter, peer="10.0.0.5:1001").import_("1-1").status == wire.OpStatus.DEV_BUSY
+    verdict = True
+    new = Pair(exporter, peer="10.0.0.5:1002")
+    assert new.import_("1-1").status == wire.OpStatus.OK
+    assert asked == [("10.0.0.5:1000", "10.0.0.5:1001"), ("10.0.0.5:1000", "10.0.0.5:1002")]
+    assert old.conn.should_close
+    assert old.conn.device is None
+    assert exporter.status()[0].imported_by == "10.0.0.5:1002"
+    old.conn.connection_lost()  # the old socket closing later does not free the new import
+    assert exporter.status()[0].imported_by == "10.0.0.5:1002"

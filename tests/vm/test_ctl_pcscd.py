@@ -96,3 +96,111 @@ def test_ctl_remove_insert_seen_by_pcscd(
         "Leftover Capture Data: 5003",
     ):
         assert name in out, name
+
+
+#: A PC/SC session that keeps working: connects to the reader whose name contains argv[1]
+#: and sends SELECTs until /tmp/session.stop exists; prints JSON {ok, errors, seconds}.
+SESSION = r"""
+import json, os, sys, time
+from smartcard.System import readers
+name = next(str(r) for r in readers() if sys.argv[1] in str(r))
+reader = next(r for r in readers() if str(r) == name)
+c = reader.createConnection()
+c.connect()
+ok, errors, t0 = 0, [], time.monotonic()
+open("/tmp/session.started", "w").close()
+while not os.path.exists("/tmp/session.stop"):
+    try:
+        _, sw1, sw2 = c.transmit(list(bytes.fromhex("00a4040007a000000079010000")))
+        if (sw1, sw2) == (0x90, 0x00):
+            ok += 1
+        else:
+            errors.append(f"{sw1:02x}{sw2:02x}")
+    except Exception as exc:
+        errors.append(repr(exc))
+    time.sleep(0.05)
+print(json.dumps({"ok": ok, "errors": errors[:5], "seconds": time.monotonic() - t0}))
+"""
+
+#: One SELECT through the reader whose name contains argv[1].
+ONE_SELECT = r"""
+import sys
+from smartcard.System import readers
+r = next(r for r in readers() if sys.argv[1] in str(r))
+c = r.createConnection()
+c.connect()
+_, sw1, sw2 = c.transmit(list(bytes.fromhex("00a4040007a000000079010000")))
+print(r, f"{sw1:02x}{sw2:02x}")
+"""
+
+
+def test_readers_added_and_removed_at_run_time_seen_by_pcscd(
+    vm_guest: Guest,
+    tmp_path: Path,
+    usbccid_state_template: Path,
+) -> None:
+    state = tmp_path / "state"
+    shutil.copytree(usbccid_state_template, state)
+    shutil.copytree(state / "cards" / "default", state / "cards" / "bob")
+    session = vm_guest.put_file("session.py", SESSION)
+    one = vm_guest.put_file("one_select.py", ONE_SELECT)
+
+    def ctl(*args: str) -> str:
+        result = run("ctl", "--state-dir", state, "--timeout", "30", *args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    with running_server([], state) as server:
+        usbip = f"usbip --tcp-port {server.port}"
+        r = vm_guest.run(
+            f"""
+            set -e
+            pcscd-start
+            rm -f /tmp/session.stop /tmp/session.started
+            {usbip} attach -r {HOST} -b 1-1
+            wait-for 90 sh -c 'opensc-tool -l | grep -qF "usbccid reader0"'
+            setsid python3 {session} "usbccid reader0" > /tmp/session.out 2>&1 &
+            wait-for 60 test -e /tmp/session.started
+            """,
+            timeout=240,
+        )
+        assert r.ok, r
+
+        # added while the guest uses the first reader: listed at once, attached, used
+        assert "bus id 1-2" in ctl("add-reader", "lab", "--card", "bob")
+        r = vm_guest.run(
+            f"""
+            set -e
+            {usbip} list -r {HOST}
+            {usbip} attach -r {HOST} -b 1-2
+            wait-for 90 sh -c 'opensc-tool -l | grep -qF "usbccid lab"'
+            python3 {one} "usbccid lab"
+            """,
+            timeout=240,
+        )
+        assert r.ok, r
+        assert "1-2: " in r.stdout  # in the guest's `usbip list` at once
+        assert r.stdout.strip().endswith(" 9000"), r.stdout
+        status = json.loads(ctl("--json", "status"))
+        assert [x["client"] is not None for x in status["readers"]] == [True, True]
+
+        # removed: the guest's port is freed and pcscd drops the reader
+        assert "reader lab removed" in ctl("remove-reader", "lab")
+        r = vm_guest.run(
+            """
+            set -e
+            wait-for 60 sh -c '! opensc-tool -l 2>/dev/null | grep -qF "usbccid lab"'
+            wait-for 30 sh -c '[ "$(usbip port | grep -c "^Port")" = 1 ]'
+            opensc-tool -l
+            touch /tmp/session.stop
+            wait-for 30 sh -c 'grep -q seconds /tmp/session.out'
+            cat /tmp/session.out
+            """,
+            timeout=240,
+        )
+        assert r.ok, r
+        assert "usbccid reader0" in r.stdout
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        # the first reader's session went on undisturbed through the add and the remove
+        assert out["errors"] == [], out
+        assert out["ok"] >= 10, out

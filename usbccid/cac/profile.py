@@ -15,6 +15,8 @@ methods may do slow I/O, so a card built from a token profile runs off the event
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -147,6 +149,12 @@ class PinStateStore(Protocol):
         """Persist ``state`` atomically; when this returns, a crash cannot lose it."""
         ...
 
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the card's one lock: every read-compare-write of the counters runs inside
+        it, so two card objects over the same state (two threads, two processes) take
+        turns and each sees the other's decrement. Not re-entrant."""
+        ...
+
 
 class MemoryPinStateStore:
     """A :class:`PinStateStore` that keeps the state in memory (tests, throwaway cards)."""
@@ -159,3 +167,8 @@ class MemoryPinStateStore:
 
     def save(self, state: PinState) -> None:
         self._state = state
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        # One object, used by one card from one thread: nothing to take turns with.
+        yield

@@ -305,6 +305,10 @@ class NssSource:
     def softokn(self) -> Softokn:
         return Softokn(self.config.softokn)
 
+    @property
+    def place(self) -> object:
+        return ("nss", self.location)
+
     def _where(self) -> str:
         return f"NSS database {self.location}"
 

@@ -332,6 +332,12 @@ class PcscPassthrough:
     def same_card(self, other: LoadedCard) -> bool:
         return isinstance(other, PcscPassthrough) and other.config == self.config
 
+    @property
+    def place(self) -> object:
+        # The configured name: two different substrings that match one reader are not
+        # caught here, but the second connection then fails (SCARD_E_SHARING_VIOLATION).
+        return ("pcsc", self.config.reader)
+
     def wait_presence(self, known: bool | None, timeout: float) -> bool:
         return self.link.wait_presence(known, timeout)
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from usbccid.cac.profile import CardProfile, PinStateStore
 from usbccid.card import Card
 from usbccid.cards.provision import DEFAULT_EDGES
-from usbccid.cards.source import EmulatedCac, LoadedCard, plural
+from usbccid.cards.source import EmulatedCac, LoadedCard, pin_state_place, plural
 from usbccid.piv.profile import PivProfile, PivSlot
 
 
@@ -56,6 +56,10 @@ class EmulatedPiv:
 
     def same_card(self, other: LoadedCard) -> bool:
         return isinstance(other, EmulatedPiv) and _key(self) == _key(other)
+
+    @property
+    def place(self) -> object:
+        return pin_state_place(self.pin_store, self.cac.card_id)
 
 
 def _key(card: EmulatedPiv) -> tuple[object, ...]:

@@ -797,6 +797,10 @@ class Pkcs11Source:
     def module(self) -> Module:
         return Module.load(self.config.module, self.config.library_parameters)
 
+    @property
+    def place(self) -> object:
+        return ("pkcs11", os.path.realpath(self.config.module), self.config.token)
+
     def _where(self, token: pkcs11.Token) -> str:
         return f"PKCS#11 module {self.config.module}: token {token.label.strip()!r}"
 
@@ -961,6 +965,11 @@ class _TokenSource(Protocol):
 
     def check(self, pin: str | None = None) -> SourceInfo: ...
 
+    @property
+    def place(self) -> object:
+        """The token (its module and selector), or the database: one login state."""
+        ...
+
 
 @dataclass(eq=False)
 class TokenCard:
@@ -990,6 +999,10 @@ class TokenCard:
 
     def same_card(self, other: object) -> bool:
         return isinstance(other, TokenCard) and other.source is self.source
+
+    @property
+    def place(self) -> object:
+        return self.source.place
 
     def poll(self) -> list[PresenceAction]:
         """Look for the token (slow I/O); what happened to it since the last look."""

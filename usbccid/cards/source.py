@@ -9,6 +9,7 @@ whether a reload changed it. Failures are one :class:`CardLoadError` line.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -48,6 +49,13 @@ class LoadedCard(Protocol):
 
     def same_card(self, other: LoadedCard) -> bool:
         """Whether ``other`` (a reload of the configuration) is this same card."""
+        ...
+
+    @property
+    def place(self) -> object | None:
+        """Where the card's state lives, hashable: two slots never hold cards with equal
+        places at once (they would share one PIN retry counter, one token login, one real
+        card). None: nothing to share."""
         ...
 
 
@@ -101,6 +109,19 @@ class EmulatedCac:
         return isinstance(other, EmulatedCac) and _profile_key(self.profile) == _profile_key(
             other.profile
         )
+
+    @property
+    def place(self) -> object:
+        return pin_state_place(self.pin_store, self.profile.card_id)
+
+
+def pin_state_place(store: PinStateStore, card_id: bytes) -> object:
+    """An emulated card's place: its PIN state file (a stored card's directory), or its
+    card ID when the state has no file of its own."""
+    path = getattr(store, "path", None)
+    if isinstance(path, Path):
+        return ("pin-state", Path(os.path.abspath(path)))
+    return ("card-id", card_id)
 
 
 def _profile_key(p: CardProfile) -> tuple[object, ...]:

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -250,6 +252,19 @@ def _parse_pin_state(data: bytes) -> PinState:
     )
 
 
+_CARD_LOCKS: dict[Path, threading.Lock] = {}
+_CARD_LOCKS_GUARD = threading.Lock()
+
+
+def _card_lock(path: Path) -> threading.Lock:
+    """The process's one lock for the PIN state file ``path`` (however it is spelled)."""
+    key = Path(os.path.abspath(path))
+    with contextlib.suppress(OSError):
+        key = key.resolve()
+    with _CARD_LOCKS_GUARD:
+        return _CARD_LOCKS.setdefault(key, threading.Lock())
+
+
 class FilePinStateStore:
     """A :class:`~usbccid.cac.profile.PinStateStore` backed by one JSON file (mode 0600).
 
@@ -288,6 +303,23 @@ class FilePinStateStore:
                 f"PIN state {self._path} is corrupt ({exc}); not guessing the retry "
                 "counters: delete the file to reset the card's PIN and retries"
             ) from None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The card's one lock: a lock per file within this process (card jobs run on
+        threads), and ``flock`` on the file's directory across processes (``usbccid card``
+        commands, a second server). The directory is opened read-only, so a read-only
+        state directory can still be locked, and then ``save`` fails closed."""
+        with _card_lock(self._path):
+            try:
+                fd = os.open(self._path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except OSError as exc:
+                raise StateError(f"cannot lock PIN state {self._path}: {_describe(exc)}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing the last descriptor releases the flock
 
     def save(self, state: PinState) -> None:
         data = _pin_state_bytes(state)

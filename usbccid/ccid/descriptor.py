@@ -111,6 +111,11 @@ class ReaderConfig:
     # A PIN pad (usbccid.ccid.pinpad): bPINSupport and wLcdLayout say so, and the reader
     # serves PC_to_RDR_Secure. None: no PIN pad, Secure is "command not supported".
     pinpad: PinPadConfig | None = None
+    # Multi-slot readers never answer an interrupt-IN URB the moment it comes: a
+    # NotifySlotChange goes out once an interrupt poll has seen it pending this long, so
+    # the URB it completes has been pending at least this long (see
+    # CcidReader._poll_interrupt_in: libccid 1.5.2 loses a completion that comes too soon).
+    notify_holdoff: float = 0.2
 
     def __post_init__(self) -> None:
         if not MIN_MESSAGE_LENGTH <= self.max_message_length <= MAX_MESSAGE_LENGTH_EXTENDED:
@@ -123,6 +128,8 @@ class ReaderConfig:
             raise ValueError("need 0 < renotify_interval <= renotify_max_interval")
         if self.renotify_limit < 0:
             raise ValueError("renotify_limit must not be negative")
+        if self.notify_holdoff < 0:
+            raise ValueError("notify_holdoff must not be negative")
 
     @property
     def max_data_length(self) -> int:

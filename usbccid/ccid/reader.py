@@ -198,6 +198,11 @@ class CcidReader:
         self.pinpad: PinPad | None = None
         if self.config.pinpad is not None:
             self.pinpad = PinPad(self.config.pinpad, self._pin_outcome)
+        # Multi-slot readers: a NotifySlotChange goes out only once an interrupt poll has
+        # seen it pending for notify_holdoff (armed with the next `now`).
+        self._notify_seen = False
+        self._notify_ready = False
+        self._notify_ready_at: float | None = None
         self.reset()
 
     # ---------------------------------------------------------------- local API
@@ -279,6 +284,7 @@ class CcidReader:
         self._jobs.clear()
         if self.pinpad is not None:
             self.pinpad.clear()
+        self._hold_notifications()
         for record in self._slots:
             record.job = None
             record.next_extension = None
@@ -393,13 +399,18 @@ class CcidReader:
         pin_deadline = self.pinpad.get_timer() if self.pinpad is not None else None
         if pin_deadline is not None:
             deadlines.append(pin_deadline)
+        if self._notify_ready_at is not None and not self._notify_ready:
+            deadlines.append(self._notify_ready_at)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
         """Queue a time extension (CCID Rev 1.1 §6.2.6, bmCommandStatus 2) for every
         transmit that is due one. At most one is waiting per slot at any time, so every
         bulk-IN completion carries at most one, and never with the final reply. Also
-        repeats the unanswered slot notifications of a multi-slot reader (_renotify)."""
+        repeats the unanswered slot notifications of a multi-slot reader (_renotify) and
+        ends its notification hold-off."""
+        if self._notify_ready_at is not None and now >= self._notify_ready_at:
+            self._notify_ready = True
         self._renotify(now)
         if self.pinpad is not None:
             self.pinpad.expire(now)  # a PIN entry past its bTimeOut: PIN_TIMEOUT
@@ -498,9 +509,31 @@ class CcidReader:
         moved twice within milliseconds, a virtual one is. So such a slot is notified
         again (:meth:`_renotify`) until the host sends it a PC_to_RDR_GetSlotStatus, which
         is what pcscd's slot thread does first when it wakes up.
+
+        And a multi-slot reader never completes an interrupt URB the moment it arrives.
+        libccid 1.5.2's polling thread (ccid_usb.c Multi_PollingProc) submits its URB and
+        only then sets the ``completed`` flag the completion callback sets; the callback
+        may run first on another thread handling libusb events (Multi_ReadProc's bulk
+        read), and then its ``completed = 1`` is overwritten, and the polling thread waits
+        in libusb_handle_events_completed forever: no card event of that reader reaches
+        pcscd again (the removal is seen at pcscd's 5 s status poll, an insertion not at
+        all). Upstream fixed it in 1.7.0 (commit 571eaf8, "multi slots: fix potential race
+        in interrupt handling"). A real reader answers at its next bInterval with a change
+        that is rarely pending already; ours had one pending whenever a change (or a
+        repeat) came while the host was between two URBs, and always at import. Seen in
+        the guest (tests/vm/test_pcscd.py): the polling thread stuck after its "waiting"
+        log line, the slot threads waiting on its broadcast. So a notification goes out
+        only once an interrupt poll has seen it pending for ``notify_holdoff`` seconds: a
+        URB that arrives with a change pending is answered that much later, never at once
+        (the first one after an import, one resubmitted after a completion however late
+        the host's thread gets to it), and a change that comes while a URB is parked
+        waits as long.
         """
         if not any(record.changed for record in self._slots):
             return None  # nothing changed since the last report: keep the URB parked
+        if self._holds_notifications and not self._notify_ready:
+            self._notify_seen = True  # the hold-off starts with the next `now`
+            return None
         message = build_notify_slot_change(
             [record.card is not None for record in self._slots],
             [record.changed for record in self._slots],
@@ -512,9 +545,21 @@ class CcidReader:
                 record.announced = True
                 record.renotify_at = None  # armed by the next _arm_renotify(now)
             record.changed = False
+        self._hold_notifications()
         return message
 
+    @property
+    def _holds_notifications(self) -> bool:
+        return len(self._slots) > 1 and self.config.notify_holdoff > 0
+
+    def _hold_notifications(self) -> None:
+        """Start over: the next NotifySlotChange waits to be seen for notify_holdoff."""
+        self._notify_seen = self._notify_ready = False
+        self._notify_ready_at = None
+
     def _arm_renotify(self, now: float) -> None:
+        if self._notify_seen and self._notify_ready_at is None:
+            self._notify_ready_at = now + self.config.notify_holdoff
         for record in self._slots:
             if record.announced and record.renotify_at is None and not record.changed:
                 delay = self.config.renotify_interval * 2**record.renotify_count

@@ -76,11 +76,17 @@ class Frontend(Protocol):
     """A way for hosts to reach readers (one instance serves all readers of its kind)."""
 
     def add_reader(self, config: ReaderConfig) -> FrontendReader:
-        """Build the reader ``config`` describes (before :meth:`start`).
+        """Build the reader ``config`` describes (before :meth:`start`, or while running:
+        hosts see it plugged in).
 
         Raises:
             FrontendError: the configuration cannot be served.
         """
+        ...
+
+    def remove_reader(self, reader: FrontendReader) -> None:
+        """Take away a reader :meth:`add_reader` made (also while running): hosts see it
+        unplugged."""
         ...
 
     async def start(self) -> None:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,9 +29,11 @@ from typing import IO, Any
 
 from usbccid import __version__
 from usbccid.card import Card
+from usbccid.cards.cac import CardConfig
+from usbccid.cards.piv import EmulatedPiv
 from usbccid.cards.registry import CardSourceConfig, load_card
-from usbccid.cards.source import LiveCard, LoadedCard
-from usbccid.cards.store import StateError
+from usbccid.cards.source import EmulatedCac, LiveCard, LoadedCard
+from usbccid.cards.store import StateError, card_directory
 from usbccid.ccid.pinpad import PinPad
 from usbccid.ccid.pinpad import PinPrompt as Prompt
 from usbccid.errors import UsbccidError
@@ -53,6 +54,7 @@ from usbccid.tool.pcap import CapturedDevice, UsbipCapture, UsbPcapWriter
 from usbccid.tool.schema import ConfigError
 from usbccid.tool.trace import CountingCard, TracingCard
 from usbccid.usbip.device import VirtualDevice
+from usbccid.usbip.exporter import parse_busid
 from usbccid.usbip.function import DeviceIdentity, UsbFunction
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,7 @@ class App:
         self._pcap_file: IO[bytes] | None = None
         self._control: ControlServer | None = None
         self._watchers: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._counters: dict[str, int] = {}
         _ensure_dir(self.state_dir)
         self.usbip = UsbipFrontend(config, self._make_device)
         #: the front ends in use, by name (built when a reader needs one)
@@ -173,20 +176,22 @@ class App:
                 "do not share it as is",
                 self.config.pcap,
             )
+        loaded = [[self._load(sc.card) for sc in rc.slots] for rc in self.config.readers]
+        try:
+            _one_place(
+                (rc.name, index, sc, card)
+                for rc, cards in zip(self.config.readers, loaded, strict=True)
+                for index, (sc, card) in enumerate(zip(rc.slots, cards, strict=True))
+            )
+        except ControlError as exc:
+            _close_live(card for cards in loaded for card in cards)
+            raise AppError(str(exc)) from None
         readers: list[_Reader] = []
-        loaded: dict[object, LoadedCard | None] = {}
-        for rc in self.config.readers:
-            slots = [_Slot(sc, self._load(sc.card, loaded)) for sc in rc.slots]
+        for rc, cards in zip(self.config.readers, loaded, strict=True):
             try:
-                reader = self._frontend(rc.frontend).add_reader(rc)
+                readers.append(self._plug(rc, cards))
             except FrontendError as exc:
                 raise AppError(str(exc)) from None
-            r = _Reader(rc, reader, slots)
-            if r.pinpad is not None:
-                r.pinpad.policy = KeypadPolicy(r)
-            for index, slot in enumerate(slots):
-                self._fill(r, index, slot.config.inserted)
-            readers.append(r)
         return readers
 
     def _frontend(self, name: str) -> Frontend:
@@ -197,32 +202,59 @@ class App:
             self.frontends[name] = frontend
         return frontend
 
-    def _make_device(self, identity: DeviceIdentity, function: UsbFunction) -> VirtualDevice:
+    def _plug(self, rc: cfg.ReaderConfig, cards: Sequence[LoadedCard | None]) -> _Reader:
+        """Export a new reader with ``cards`` in its slots (inserted as configured).
+
+        Raises:
+            FrontendError: the front end cannot have it (bus id, identity).
+        """
+        slots = [_Slot(sc, card) for sc, card in zip(rc.slots, cards, strict=True)]
+        r = _Reader(rc, self._frontend(rc.frontend).add_reader(rc), slots)
+        if r.pinpad is not None:
+            r.pinpad.policy = KeypadPolicy(r)
+        for index, slot in enumerate(slots):
+            self._fill(r, index, slot.config.inserted)
+        if self._control is not None:
+            self._start_watching()  # running: its live cards are followed from now on
+        return r
+
+    def _unplug(self, r: _Reader) -> None:
+        """Take a reader away: its cards out, its importer disconnected."""
+        for index in range(len(r.slots)):
+            self._remove(r, index)
+            self._let_go(r, index)
+        self._frontend(r.config.frontend).remove_reader(r.reader)
+        self.readers.remove(r)
+
+    def _let_go(self, r: _Reader, index: int) -> None:
+        """A slot's card is done with (replaced, or its reader removed): close a live
+        card and stop following it."""
+        card = r.slots[index].card
+        if isinstance(card, LiveCard):
+            card.close()  # wakes its watcher's wait
+        task = self._watchers.pop((r.config.name, index), None)
+        if task is not None:
+            task.cancel()
+
+    def _make_device(
+        self, identity: DeviceIdentity, function: UsbFunction, busid: str
+    ) -> VirtualDevice:
         if self._pcap is None:
             return VirtualDevice(identity, function)  # nothing to record: no hook per URB
         device = CapturedDevice(identity, function)
         types = {ep.address: int(ep.transfer_type) for ep in function.interface.endpoints}
-        # the exporter numbers devices 1-1, 1-2, ... in the order they are made
-        devnum = len(self.usbip.readers) + 1
+        devnum = parse_busid(busid)
+        assert devnum is not None
         device.capture = UsbipCapture(self._pcap, types, devnum)
         return device
 
-    def _load(
-        self, card: CardSourceConfig | None, loaded: dict[object, LoadedCard | None]
-    ) -> LoadedCard | None:
-        """The slot's card, loaded once per pass (``loaded``) however many slots name it:
-        loading reads and checks keys, and the slots share the card's PIN state anyway."""
+    def _load(self, card: CardSourceConfig | None) -> LoadedCard | None:
         if card is None:
             return None
-        key = _card_key(card)
-        if key in loaded:
-            return loaded[key]
         try:
-            result = load_card(card, self.state_dir, self._now())
+            return load_card(card, self.state_dir, self._now())
         except StateError as exc:
             raise AppError(str(exc)) from None
-        loaded[key] = result
-        return result
 
     def _card(self, r: _Reader, index: int, loaded: LoadedCard) -> Card:
         card: Card = CountingCard(loaded.new_card(), r.counters)
@@ -423,13 +455,43 @@ class App:
             pid=os.getpid(),
             uptime=time.monotonic() - self.started,
             readers=tuple(readers),
-            counters=counters,
+            counters={**counters, **self._counters},
         )
 
-    def insert(self, reader: str, slot: int) -> None:
+    def insert(self, reader: str, slot: int, card: str | None = None) -> None:
+        """Insert the slot's card, or (``card``) the stored card of that name into the
+        empty slot; the slot keeps that card until a reload."""
         r = self._find(reader)
         self._check_slot(r, slot)
-        self._insert(r, slot)
+        if card is not None:
+            if r.slots[slot].wanted:
+                raise ControlError(
+                    f"reader {r.config.name} slot {slot} holds a card: remove it first"
+                )
+            self._check_stored(card)
+            config = CardConfig(stored=card, origin=f"ctl insert {r.config.name}:{slot}")
+            try:
+                loaded = load_card(config, self.state_dir, self._now())
+            except UsbccidError as exc:
+                raise ControlError(str(exc)) from None
+            current = r.slots[slot]
+            try:
+                _one_place(
+                    [
+                        *self._slots_except(r, slot),
+                        (r.config.name, slot, replace(current.config, card=config), loaded),
+                    ]
+                )
+            except ControlError:
+                _close_live([loaded])
+                raise
+            self._let_go(r, slot)
+            r.slots[slot] = _Slot(replace(current.config, card=config), loaded)
+            self._fill(r, slot, True)
+            if self._control is not None:
+                self._start_watching()
+        else:
+            self._insert(r, slot)
         self.poke()
 
     def remove(self, reader: str, slot: int) -> None:
@@ -481,11 +543,108 @@ class App:
         except RuntimeError:  # not on the loop (App.check, tests): the same clock
             return time.monotonic()
 
-    def reload(self) -> Mapping[str, Any]:
-        """Re-read the configuration file and the cards; swap the cards that changed.
+    def _check_stored(self, name: str) -> None:
+        """At run time a stored card must exist already: generating one takes seconds,
+        and the control socket answers on the event loop that serves the hosts."""
+        try:
+            directory = card_directory(self.state_dir, name)
+        except StateError as exc:
+            raise ControlError(str(exc)) from None
+        if not directory.is_dir():
+            raise ControlError(
+                f"no card named {name!r} in {self.state_dir} (make it with "
+                f"'usbccid card new --name {name}')"
+            )
 
-        Readers and their slots are fixed while running (the host has enumerated them):
-        a change there is reported as needing a restart.
+    def _slots_except(
+        self, skip: _Reader | None = None, skip_slot: int | None = None
+    ) -> list[tuple[str, int, cfg.SlotConfig | None, LoadedCard | None]]:
+        return [
+            (r.config.name, index, slot.config, slot.card)
+            for r in self.readers
+            for index, slot in enumerate(r.slots)
+            if not (r is skip and (skip_slot is None or index == skip_slot))
+        ]
+
+    def add_reader(
+        self,
+        name: str,
+        cards: Sequence[str | None] = ("default",),
+        identity: str | None = None,
+        bus_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        """Export a new reader at once (``ctl add-reader``): one slot per entry of
+        ``cards``, each a stored card's name (inserted) or None (an empty slot). It lasts
+        until removed, or until a reload of a configuration that does not have it."""
+        if any(r.config.name == name for r in self.readers):
+            raise ControlError(f"a reader named {name!r} exists")
+        if not cfg.READER_NAME.match(name):
+            raise ControlError(f"invalid reader name {name!r}")
+        if not 1 <= len(cards) <= 16:
+            raise ControlError("a reader has 1 to 16 slots")
+        for card in cards:
+            if card is not None:
+                self._check_stored(card)
+        origin = f"ctl add-reader {name}"
+        slots = tuple(
+            cfg.SlotConfig(card=CardConfig(stored=c, origin=f"{origin} slot {i}"))
+            if c is not None
+            else cfg.SlotConfig(card=None, inserted=False)
+            for i, c in enumerate(cards)
+        )
+        rc = cfg.ReaderConfig(
+            name=name,
+            bus_id=bus_id,
+            identity=cfg.IdentityConfig(preset=identity),
+            slots=slots,
+            origin=origin,
+        )
+        try:
+            loaded = [self._load(sc.card) for sc in slots]
+        except UsbccidError as exc:
+            raise ControlError(str(exc)) from None
+        try:
+            _one_place(
+                [
+                    *self._slots_except(),
+                    *(
+                        (name, i, sc, card)
+                        for i, (sc, card) in enumerate(zip(slots, loaded, strict=True))
+                    ),
+                ]
+            )
+            r = self._plug(rc, loaded)
+        except FrontendError as exc:
+            raise ControlError(str(exc)) from None
+        self.readers.append(r)
+        self._counters["readers_added"] = self._counters.get("readers_added", 0) + 1
+        log.info("reader %s added as bus id %s", name, r.busid)
+        self.poke()
+        return {"reader": name, "bus_id": r.busid}
+
+    def remove_reader(self, reader: str) -> Mapping[str, Any]:
+        """Unplug a reader (``ctl remove-reader``): its importer sees it disconnected."""
+        r = self._find(reader)
+        if r.config.frontend != "usbip":
+            raise ControlError(
+                f"reader {r.config.name} is on {r.config.frontend}: only USB/IP readers are "
+                "added and removed while running"
+            )
+        self._unplug(r)
+        self._counters["readers_removed"] = self._counters.get("readers_removed", 0) + 1
+        log.info("reader %s (bus id %s) removed", r.config.name, r.busid)
+        self.poke()
+        return {"reader": r.config.name, "bus_id": r.busid}
+
+    def reload(self) -> Mapping[str, Any]:
+        """Re-read the configuration file and make the running server match it.
+
+        Cards that changed are swapped (the host sees a removal and an insertion); readers
+        that are new are added, readers no longer configured are removed (their importer
+        sees an unplug), and readers whose identity, slot count or bus id changed are
+        replaced (unplugged, then added again, under the same bus id when it is free).
+        Runtime changes (``add-reader``, ``insert --card``) give way to the file. Every card
+        is loaded and checked first: if one fails, nothing changes.
         """
         if self.config.path is not None:
             try:
@@ -494,52 +653,111 @@ class App:
                 raise ControlError(f"configuration not reloaded: {exc}") from None
         else:
             new = self.config
-        changed: list[str] = []
-        restart: list[str] = []
-        by_name = {rc.name: rc for rc in new.readers}
-        if [rc.name for rc in new.readers] != [r.config.name for r in self.readers]:
-            restart.append("the set of readers changed")
-        loaded: dict[object, LoadedCard | None] = {}
-        for r in self.readers:
-            rc = by_name.get(r.config.name)
-            if rc is None:
-                continue
-            if (
+        running = {r.config.name: r for r in self.readers}
+        wanted = {rc.name: rc for rc in new.readers}
+        loaded: dict[str, list[LoadedCard | None]] = {}
+        for rc in new.readers:
+            try:
+                loaded[rc.name] = [self._load(sc.card) for sc in rc.slots]
+            except UsbccidError as exc:
+                _close_live(card for cards in loaded.values() for card in cards)
+                raise ControlError(f"cards not reloaded: {exc}") from None
+        try:
+            _one_place(
+                (rc.name, index, sc, card)
+                for rc in new.readers
+                for index, (sc, card) in enumerate(zip(rc.slots, loaded[rc.name], strict=True))
+            )
+        except ControlError as exc:
+            _close_live(card for cards in loaded.values() for card in cards)
+            raise ControlError(f"configuration not reloaded: {exc}") from None
+
+        def replugged(r: _Reader, rc: cfg.ReaderConfig) -> bool:
+            return (
                 len(rc.slots) != len(r.slots)
                 or rc.identity != r.config.identity
+                or (rc.bus_id is not None and rc.bus_id != r.busid)
                 or (rc.frontend, rc.vpcd, rc.vscard)
                 != (r.config.frontend, r.config.vpcd, r.config.vscard)
-            ):
-                restart.append(f"reader {r.config.name}: front end, identity or slot count changed")
+                or rc.pinpad != r.config.pinpad
+            )
+
+        removed = [name for name in running if name not in wanted]
+        replaced = [n for n, r in running.items() if n in wanted and replugged(r, wanted[n])]
+        added = [name for name in wanted if name not in running]
+        # vpcd and VSCard readers connect out or listen on their own endpoint: they are
+        # plugged in and out only by a restart.
+        fixed = {n for n in removed + replaced if running[n].config.frontend != "usbip"}
+        fixed |= {n for n in added if wanted[n].frontend != "usbip"}
+        restart = [f"reader {n}: not on USB/IP, fixed while running" for n in sorted(fixed)]
+        removed = [n for n in removed if n not in fixed]
+        replaced = [n for n in replaced if n not in fixed]
+        added = [n for n in added if n not in fixed]
+        for name in fixed & set(wanted):
+            _close_live(loaded[name])
+        for name in removed + replaced:
+            self._unplug(running[name])
+        changed: list[str] = []
+        for r in list(self.readers):
+            if r.config.name in fixed:
                 continue
+            rc = wanted[r.config.name]
             for index, sc in enumerate(rc.slots):
-                try:
-                    card = self._load(sc.card, loaded)
-                except UsbccidError as exc:
-                    raise ControlError(f"cards not reloaded: {exc}") from None
+                card = loaded[rc.name][index]
                 old = r.slots[index]
                 same = (card is not None and old.card is not None and card.same_card(old.card)) or (
                     card is None and old.card is None
                 )
                 if same:
+                    if card is not old.card:
+                        _close_live([card])  # the running one stays
+                    r.slots[index] = replace(old, config=sc)
                     continue
                 was_in = old.wanted
                 self._remove(r, index)
-                if isinstance(old.card, LiveCard):
-                    old.card.close()
+                self._let_go(r, index)
                 r.slots[index] = _Slot(sc, card)
                 self._fill(r, index, card is not None and (was_in or sc.inserted))
                 changed.append(f"{r.config.name}:{index}")
+            r.config = rc
         if self._control is not None:
             self._start_watching()  # the live cards that came with the reload
+        failed: list[str] = []
+        for name in replaced + added:
+            try:
+                self.readers.append(self._plug(wanted[name], loaded[name]))
+            except FrontendError as exc:
+                failed.append(str(exc))
+        self._counters["readers_added"] = self._counters.get("readers_added", 0) + len(added)
+        self._counters["readers_removed"] = self._counters.get("readers_removed", 0) + len(removed)
+        order = {name: i for i, name in enumerate(wanted)}
+        self.readers.sort(key=lambda r: order.get(r.config.name, len(order)))
+        kept = [r.config for r in self.readers if r.config.name in fixed]
+        self.config = replace(
+            self.config,
+            readers=tuple(rc for rc in new.readers if rc.name not in fixed) + tuple(kept),
+        )
         self.poke()
         message = f"reloaded: {len(changed)} card(s) changed"
         if changed:
             message += f" ({', '.join(changed)})"
+        for what, names in (("added", added), ("removed", removed), ("replaced", replaced)):
+            if names:
+                message += f"; reader(s) {what}: {', '.join(names)}"
+        if failed:
+            message += "; not added: " + "; ".join(failed)
         if restart:
             message += "; restart needed for: " + "; ".join(restart)
         log.info("%s", message)
-        return {"changed": changed, "restart_needed": restart, "message": message}
+        return {
+            "changed": changed,
+            "added": added,
+            "removed": removed,
+            "replaced": replaced,
+            "failed": failed,
+            "restart_needed": restart,
+            "message": message,
+        }
 
     # -- for humans ----------------------------------------------------------------
 
@@ -596,18 +814,48 @@ def _prompt(prompt: Prompt | None, now: float) -> PinPrompt | None:
     )
 
 
-def _card_key(card: object) -> object:
-    """A slot's card configuration without where it was written (``origin``), hashable:
-    slots that name the same card get the same key."""
-    if dataclasses.is_dataclass(card) and not isinstance(card, type):
-        fields = dataclasses.fields(card)
-        return (
-            type(card),
-            *(_card_key(getattr(card, f.name)) for f in fields if f.name != "origin"),
-        )
-    if isinstance(card, tuple):
-        return tuple(_card_key(item) for item in card)
-    return card
+def _close_live(cards: Iterable[LoadedCard | None]) -> None:
+    """Let go of live cards that were loaded but will not be used."""
+    for card in cards:
+        if isinstance(card, LiveCard):
+            card.close()
+
+
+def _place(reader: str, index: int, slot: cfg.SlotConfig | None) -> str:
+    origin = getattr(slot.card, "origin", "") if slot is not None else ""
+    where = f"reader {reader} slot {index}"
+    return f"{origin} ({where})" if origin else where
+
+
+def _one_place(
+    slots: Iterable[tuple[str, int, cfg.SlotConfig | None, LoadedCard | None]],
+) -> None:
+    """Refuse a card that is in two slots: each slot's card object would keep its own
+    security status over one PIN state, and the card is one card (one place, one counter).
+
+    Raises:
+        ControlError: one line naming both places.
+    """
+    seen: dict[object, str] = {}
+    for reader, index, slot, card in slots:
+        if card is None:
+            continue
+        key = card.place
+        if key is None:
+            continue
+        place = _place(reader, index, slot)
+        if key in seen:
+            what = card.description
+            if isinstance(card, EmulatedCac | EmulatedPiv):
+                card_id = (
+                    card.profile.card_id if isinstance(card, EmulatedCac) else card.cac.card_id
+                )
+                what += f", card ID {card_id.hex()},"
+            raise ControlError(
+                f"{what} is in two slots: {seen[key]} and {place}; "
+                "a card can be in one slot only (it has one PIN retry counter)"
+            )
+        seen[key] = place
 
 
 def _ensure_dir(path: Path) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cryptography import x509
 
@@ -341,7 +341,28 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="READER[:SLOT]",
             help="reader name or bus id, and slot number (default 0)",
         )
-    ctl_sub.add_parser("reload", help="re-read the configuration's cards")
+        if action == "insert":
+            p.add_argument(
+                "--card",
+                metavar="NAME",
+                help="put this stored card into the (empty) slot instead of its own",
+            )
+    ctl_sub.add_parser(
+        "reload", help="re-read the configuration: cards, and readers added or removed"
+    )
+    p = ctl_sub.add_parser("add-reader", help="export a new reader now (until removed)")
+    p.add_argument("name", help="the reader's name")
+    p.add_argument(
+        "--card",
+        action="append",
+        metavar="NAME",
+        help="a slot holding this stored card; repeat for more slots; 'none': an empty slot "
+        "(default: one slot with the card 'default')",
+    )
+    p.add_argument("--identity", metavar="PRESET", help="USB identity preset (default vmware)")
+    p.add_argument("--bus-id", metavar="BUSID", help="the bus id to use, if free (1-N)")
+    p = ctl_sub.add_parser("remove-reader", help="unplug a reader (its importer sees it go)")
+    p.add_argument("reader", metavar="READER", help="reader name or bus id")
     pad = ctl_sub.add_parser(
         "pinpad",
         help="type on a reader's PIN pad (while a PIN entry waits)",
@@ -809,21 +830,39 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         path = next((p for p in candidates if p.exists()), candidates[0])
     command = args.ctl_command
     reader = slot = None
+    fields: dict[str, Any] = {}
     if command in ("insert", "remove", "pinpad"):
         reader, slot = parse_target(args.target)
     if command == "pinpad":
         return _ctl_pinpad(args, path, reader, slot)
-    reply = request(path, encode_request(command, reader, slot), timeout=args.timeout)
-    result = decode_reply(reply)
+    if command in ("insert", "remove"):
+        fields["card"] = getattr(args, "card", None)
+    elif command == "remove-reader":
+        reader = args.reader
+    elif command == "add-reader":
+        cards = args.card or ["default"]
+        fields = {
+            "name": args.name,
+            "cards": [None if c.lower() == "none" else c for c in cards],
+            "identity": args.identity,
+            "bus_id": args.bus_id,
+        }
+    data = encode_request(command, reader, slot, **fields)
+    result = decode_reply(request(path, data, timeout=args.timeout))
     if args.json:
         _out(json.dumps(result, indent=2, sort_keys=True))
     elif command == "status":
         _out(format_status(status_from_json(result)))
     elif command == "reload":
         _out(result.get("message", "reloaded") if isinstance(result, dict) else "reloaded")
+    elif command == "add-reader":
+        _out(f"reader {result['reader']} added: bus id {result['bus_id']}")
+    elif command == "remove-reader":
+        _out(f"reader {result['reader']} removed (was bus id {result['bus_id']})")
     else:
         verb = "inserted into" if command == "insert" else "removed from"
-        _out(f"card {verb} {reader} slot {slot}")
+        what = f"card {fields['card']!r}" if fields.get("card") else "card"
+        _out(f"{what} {verb} {reader} slot {slot}")
     return 0
 
 

@@ -63,6 +63,7 @@ FRONTENDS: Final = ("usbip", "vpcd", "vscard")  # usbccid.frontends.registry, by
 VPCD_PORT: Final = 35963  # vsmartcard vpcd.h VPCDPORT: where vpcd's slot 0 listens
 _BUS_ID = re.compile(r"^[0-9]+-[0-9]+(\.[0-9]+)*$")
 _READER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+READER_NAME = _READER_NAME  # also for readers added at run time (usbccid.tool.app)
 _VID_PID = re.compile(r"^([0-9A-Fa-f]{4}):([0-9A-Fa-f]{4})$")
 
 
@@ -162,6 +163,13 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     allow: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+    # TCP keepalive on every USB/IP connection (tcp(7) TCP_KEEPIDLE, TCP_KEEPINTVL,
+    # TCP_KEEPCNT; TCP_USER_TIMEOUT = idle + interval * count): an importer that vanished
+    # without a FIN or RST (powered off, network gone) frees its device after
+    # idle + interval * count seconds (50 by default) instead of the kernel's 2 h 11 min.
+    keepalive_idle: int = 20
+    keepalive_interval: int = 10
+    keepalive_count: int = 3
 
     def is_allowed(self, address: str) -> bool:
         """Whether a client at ``address`` (an IP address string) may connect."""
@@ -217,7 +225,14 @@ def vscard_config(endpoint: str) -> Config:
 
 
 _TOP_KEYS = ("server", "reader", "state_dir", "trace", "pcap", "log_level")
-_SERVER_KEYS = ("host", "port", "allow")
+_SERVER_KEYS = (
+    "host",
+    "port",
+    "allow",
+    "keepalive_idle",
+    "keepalive_interval",
+    "keepalive_count",
+)
 _READER_KEYS = (
     "name",
     "frontend",
@@ -338,7 +353,18 @@ def _server(ck: Checker, raw: object) -> ServerConfig:
             except ValueError as exc:
                 raise ck.fail((*path, "allow", i), str(exc)) from None
         allow = tuple(nets)
-    return ServerConfig(host=host, port=port, allow=allow)
+    defaults = ServerConfig()
+    keepalive = {}
+    for key, top in (
+        ("keepalive_idle", 3600),
+        ("keepalive_interval", 600),
+        ("keepalive_count", 20),
+    ):
+        value = ck.get(t, path, key, int, getattr(defaults, key))
+        if not 1 <= value <= top:
+            raise ck.fail((*path, key), f"must be 1 to {top}, got {value}")
+        keepalive[key] = value
+    return ServerConfig(host=host, port=port, allow=allow, **keepalive)
 
 
 def parse_network(text: str) -> IPNetwork:

@@ -9,6 +9,9 @@ object, a request::
     {"command": "reload"}
     {"command": "pinpad", "reader": "desk", "slot": 0, "entries": ["12345678"]}
     {"command": "pinpad", "reader": "desk", "entries": [], "cancel": true}
+    {"command": "insert", "reader": "desk", "slot": 1, "card": "alice"}   # a stored card
+    {"command": "add-reader", "name": "lab", "cards": ["bob", null], "identity": "qemu"}
+    {"command": "remove-reader", "reader": "lab"}
 
 and the server answers each with one reply datagram::
 
@@ -31,14 +34,24 @@ from usbccid.errors import UsbccidError
 
 MAX_DATAGRAM: Final = 65536
 SOCKET_NAME: Final = "control.sock"
-COMMANDS: Final = ("status", "insert", "remove", "reload", "pinpad")
+COMMANDS: Final = (
+    "status",
+    "insert",
+    "remove",
+    "reload",
+    "pinpad",
+    "add-reader",
+    "remove-reader",
+)
 #: Fields of each command besides "command".
 _FIELDS: Final = {
     "status": frozenset(),
     "reload": frozenset(),
-    "insert": frozenset({"reader", "slot"}),
+    "insert": frozenset({"reader", "slot", "card"}),
     "remove": frozenset({"reader", "slot"}),
     "pinpad": frozenset({"reader", "slot", "entries", "cancel"}),
+    "add-reader": frozenset({"name", "cards", "identity", "bus_id"}),
+    "remove-reader": frozenset({"reader"}),
 }
 MAX_ENTRIES: Final = 3  # a PIN change: current PIN, new PIN, new PIN again
 
@@ -100,11 +113,35 @@ class ServerState(Protocol):
 
     def status(self) -> ServerStatus: ...
 
-    def insert(self, reader: str, slot: int) -> None:
-        """Insert the slot's card; the host sees NotifySlotChange.
+    def insert(self, reader: str, slot: int, card: str | None = None) -> None:
+        """Insert the slot's card (or the stored card ``card`` into the empty slot); the
+        host sees NotifySlotChange.
 
         Raises:
-            ControlError: no such reader or slot, or the slot holds no card.
+            ControlError: no such reader, slot or card, the slot holds no card, or the
+                card is in another slot.
+        """
+        ...
+
+    def add_reader(
+        self,
+        name: str,
+        cards: Sequence[str | None] = ("default",),
+        identity: str | None = None,
+        bus_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        """Export a new reader now; returns {"reader", "bus_id"}.
+
+        Raises:
+            ControlError: the name or bus id is taken, a card cannot be had.
+        """
+        ...
+
+    def remove_reader(self, reader: str) -> Mapping[str, Any]:
+        """Unplug a reader; its importer sees a disconnect.
+
+        Raises:
+            ControlError: no such reader.
         """
         ...
 
@@ -180,9 +217,13 @@ def _dispatch(request: Mapping[str, Any], state: ServerState) -> Any:
         return status_to_json(state.status())
     if command == "reload":
         return dict(state.reload())
+    if command == "add-reader":
+        return dict(_add_reader(request, state))
     reader = request.get("reader")
     if not isinstance(reader, str) or not reader:
         raise ControlError(f"{command} needs a reader (its name or bus id)")
+    if command == "remove-reader":
+        return dict(state.remove_reader(reader))
     slot = request.get("slot", 0)
     if not isinstance(slot, int) or isinstance(slot, bool) or slot < 0:
         raise ControlError(f"slot must be a non-negative integer, got {slot!r}")
@@ -203,14 +244,32 @@ def _dispatch(request: Mapping[str, Any], state: ServerState) -> Any:
             raise ControlError("pinpad needs entries to type, or cancel")
         return {"reader": reader, "slot": slot, **state.pinpad(reader, slot, entries, cancel)}
     if command == "insert":
-        state.insert(reader, slot)
-    else:
-        state.remove(reader, slot)
+        card = request.get("card")
+        if card is not None and (not isinstance(card, str) or not card):
+            raise ControlError(f"card must be a stored card's name, got {card!r}")
+        state.insert(reader, slot, card)
+        return {"reader": reader, "slot": slot, **({"card": card} if card else {})}
+    state.remove(reader, slot)
     return {"reader": reader, "slot": slot}
 
 
 def _digits_only(text: str) -> bool:
     return len(text) <= 255 and all("0" <= c <= "9" for c in text)
+
+
+def _add_reader(request: Mapping[str, Any], state: ServerState) -> Mapping[str, Any]:
+    name = request.get("name")
+    if not isinstance(name, str) or not name:
+        raise ControlError("add-reader needs a name")
+    cards = request.get("cards", ["default"])
+    if not isinstance(cards, list) or not all(c is None or isinstance(c, str) for c in cards):
+        raise ControlError("cards must be a list of stored card names (or null: empty slot)")
+    identity = request.get("identity")
+    bus_id = request.get("bus_id")
+    for key, value in (("identity", identity), ("bus_id", bus_id)):
+        if value is not None and not isinstance(value, str):
+            raise ControlError(f"{key} must be a string")
+    return state.add_reader(name, cards, identity, bus_id)
 
 
 def status_to_json(status: ServerStatus) -> dict[str, Any]:
@@ -276,7 +335,9 @@ def encode_request(
     *,
     entries: Sequence[str] | None = None,
     cancel: bool = False,
+    **fields: Any,
 ) -> bytes:
+    """A request datagram; ``fields`` are the command's other fields (None: left out)."""
     if command not in COMMANDS:
         raise ControlError(f"unknown command {command!r}")
     request: dict[str, Any] = {"command": command}
@@ -288,6 +349,7 @@ def encode_request(
         request["entries"] = list(entries)
     if cancel:
         request["cancel"] = True
+    request.update({k: v for k, v in fields.items() if v is not None})
     return json.dumps(request).encode()
 
 

@@ -10,11 +10,22 @@ A device is imported by at most one connection at a time, like ``usbipd`` (a sec
 OP_REQ_IMPORT gets ST_DEV_BUSY, usbip_host_common.c ``usbip_export_device``); it becomes
 importable again when that connection is lost, and is reset on every import, since the
 device never sees a USB bus reset (vhci handles those itself).
+
+Devices come and go while running: :meth:`Exporter.add` gives the next bus id never used
+in this exporter (or the one asked for, if free), so a host never finds another device
+under a bus id it knew; :meth:`Exporter.remove` unplugs a device: its importing connection
+is marked lost (``should_close``), and the driver closes it as when the server stops,
+which vhci reports to the host as a disconnect.
+
+A busy device may be taken over (:meth:`Exporter.connect` with ``takeover``): when the
+same host imports it again, the driver may decide that the old connection is dead (TCP
+keepalive has not heard from it for its whole window) and hand the device over; the old
+connection is then lost exactly as if it had been unplugged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from usbccid.jobs import Job
@@ -28,6 +39,16 @@ from usbccid.usbip.connection import (
 from usbccid.usbip.device import VirtualDevice
 
 BUSNUM = 1
+MAX_DEVNUM = 0xFFFF  # vhci's devid is busnum << 16 | devnum (vhci_sysfs.c)
+
+
+def parse_busid(busid: str) -> int | None:
+    """The device number of ``"1-N"``, or None if ``busid`` is not one of ours."""
+    prefix, _, number = busid.partition("-")
+    if prefix != str(BUSNUM) or not number.isdigit() or number != str(int(number)):
+        return None
+    devnum = int(number)
+    return devnum if 1 <= devnum <= MAX_DEVNUM else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,16 +80,55 @@ class Exporter:
         self._devices: dict[str, VirtualDevice] = {}
         self._numbers: dict[str, int] = {}
         self._importers: dict[str, ExportConnection] = {}
+        self._next_devnum = 1
+        #: decides whether a busy device may be taken from its importer by ``conn``
+        #: (see :meth:`ExportConnection` ``takeover``); None: never
+        self.takeover: Callable[[ExportConnection, ExportConnection], bool] | None = None
         for device in devices:
             self.add(device)
 
-    def add(self, device: VirtualDevice) -> str:
-        """Export ``device``; returns its bus id."""
-        devnum = len(self._devices) + 1
+    def next_busid(self) -> str:
+        """The bus id :meth:`add` gives the next device when none is asked for."""
+        return f"{BUSNUM}-{self._next_devnum}"
+
+    def add(self, device: VirtualDevice, busid: str | None = None) -> str:
+        """Export ``device`` under ``busid`` (``"1-N"``, free), or else the next bus id
+        never used here; returns it.
+
+        Raises:
+            ValueError: ``busid`` is malformed or taken.
+        """
+        if busid is None:
+            devnum = self._next_devnum
+            if devnum > MAX_DEVNUM:
+                raise ValueError("no bus id left")
+        else:
+            asked = parse_busid(busid)
+            if asked is None:
+                raise ValueError(f"bus id {busid!r} is not {BUSNUM}-N (N = 1..{MAX_DEVNUM})")
+            devnum = asked
         busid = f"{BUSNUM}-{devnum}"
+        if busid in self._devices:
+            raise ValueError(f"bus id {busid} is in use")
         self._devices[busid] = device
         self._numbers[busid] = devnum
+        self._next_devnum = max(self._next_devnum, devnum + 1)
         return busid
+
+    def remove(self, busid: str) -> VirtualDevice:
+        """Stop exporting the device ``busid``: its importer (if any) loses its connection,
+        as when the server stops. Returns the device, reset.
+
+        Raises:
+            KeyError: no such device.
+        """
+        device = self._devices.pop(busid)
+        del self._numbers[busid]
+        importer = self._importers.pop(busid, None)
+        if importer is not None:
+            importer._unplugged()
+        device.reset()
+        return device
 
     @property
     def devices(self) -> dict[str, VirtualDevice]:
@@ -116,8 +176,12 @@ class Exporter:
         device = self._devices.get(busid)
         if device is None:
             return wire.OpRepImport(status=wire.OpStatus.NODEV)  # usbipd: "not found"
-        if busid in self._importers:
-            return wire.OpRepImport(status=wire.OpStatus.DEV_BUSY)
+        holder = self._importers.get(busid)
+        if holder is not None:
+            if holder is conn or self.takeover is None or not self.takeover(holder, conn):
+                return wire.OpRepImport(status=wire.OpStatus.DEV_BUSY)
+            del self._importers[busid]
+            holder._unplugged()
         self._importers[busid] = conn
         device.reset()
         return wire.OpRepImport(status=wire.OpStatus.OK, device=self.usbip_info(busid))
@@ -208,6 +272,13 @@ class ExportConnection:
         device = self._device
         assert device is not None  # the protocol is in the URB phase only after an import
         return device
+
+    def _unplugged(self) -> None:
+        """The exporter took the device away (removed, or taken over): the connection is
+        lost and the driver closes it."""
+        self._lost = True
+        self.busid = None
+        self._device = None
 
     def connection_lost(self) -> None:
         """The TCP connection is gone (or being closed): release the imported device."""

@@ -155,7 +155,7 @@ vpcd = {{ port = {port} }}
   [[reader.slot]]
   card = "default"
   [[reader.slot]]
-  card = "default"
+  card = "second"
   inserted = false
 """,
         "test.toml",
@@ -168,6 +168,8 @@ vpcd = {{ port = {port} }}
 def state(tmp_path: Path, usbccid_state_template: Path) -> Path:
     directory = tmp_path / "state"
     shutil.copytree(usbccid_state_template, directory)
+    # a second stored card (a card is in one slot at a time): a copy has its own PIN state
+    shutil.copytree(directory / "cards" / "default", directory / "cards" / "second")
     return directory
 
 
@@ -226,7 +228,7 @@ def test_the_app_drives_vpcd_readers(state: Path, caplog: pytest.LogCaptureFixtu
 
 def test_two_vpcd_readers_on_the_same_ports_are_refused(state: Path) -> None:
     config = cfg.parse_config(
-        '[[reader]]\nname = "a"\nfrontend = "vpcd"\n  [[reader.slot]]\n  card = "default"\n'
+        '[[reader]]\nname = "a"\nfrontend = "vpcd"\n  [[reader.slot]]\n  card = "second"\n'
         '  [[reader.slot]]\n  card = "none"\n'
         '[[reader]]\nname = "b"\nfrontend = "vpcd"\nvpcd = { port = 35964 }\n',
         "test.toml",

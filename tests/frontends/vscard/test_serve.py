@@ -32,6 +32,9 @@ SELECT_CCC = bytes.fromhex("00a4040007a000000116db00")
 def state(tmp_path: Path, usbccid_state_template: Path) -> Path:
     directory = tmp_path / "state"
     shutil.copytree(usbccid_state_template, directory)
+    # more stored cards (a card is in one slot at a time): a copy has its own PIN state
+    for name in ("q1", "q2"):
+        shutil.copytree(directory / "cards" / "default", directory / "cards" / name)
     return directory
 
 
@@ -160,14 +163,14 @@ name = "q1"
 frontend = "vscard"
 vscard = {{ listen = "{sock_path}" }}
   [[reader.slot]]
-  card = "default"
+  card = "q1"
 
 [[reader]]
 name = "q2"
 frontend = "vscard"
 vscard = {{ connect = "127.0.0.1:{qport}" }}
   [[reader.slot]]
-  card = "default"
+  card = "q2"
   inserted = false
 """
     )

@@ -24,9 +24,18 @@ unblock code is validated by OpenSC against the PIN's 4..8 length rule.
 
 Anti-tearing: before a reference value is compared, the decremented counter is written
 through :meth:`PinStateStore.save`; only a match restores it (saved again). A crash or a
-failing store can therefore never hand out a free guess: a store failure answers
-``65 81`` (memory failure) and compares nothing. Comparisons use
-:func:`hmac.compare_digest`; PIN bytes never appear in exceptions or logs.
+failing store can therefore never hand out a free guess: a store failure (read-only or
+full state directory, a corrupt file) answers ``65 81`` and compares nothing. ISO 7816-4
+§5.6 Table 6 gives ``65 81`` "memory failure" under "execution error, state of
+non-volatile memory changed/unchanged": it is the word for "the card could not write its
+memory", which is what happened, and unlike ``69 85``/``69 82`` it tells the host nothing
+about the PIN. Comparisons use :func:`hmac.compare_digest`; PIN bytes never appear in
+exceptions or logs.
+
+One card, one counter: every command that reads or changes the PIN state does so inside
+:meth:`PinStateStore.locked` and re-reads the stored state first, so two card objects over
+one store (a reload while a job runs, two slots, two processes) take turns and each
+decrement is seen by the next try; the in-memory copy is only a cache.
 
 A card that mirrors a token has no PIN of its own: :class:`TokenPinService` turns VERIFY
 into the token's login (libcacard ``vcard_emul_login``, the ``use_hw`` cards), and a cold
@@ -37,6 +46,8 @@ which is all the card OS and the applets use.
 from __future__ import annotations
 
 import hmac
+import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
@@ -49,6 +60,8 @@ PIN_BLOCK_LEN = 8  # CAC PINs are sent FF-padded to 8 bytes (pkcs15-cac.c pins[]
 PIN_MIN_LEN = 4
 PIN_MAX_LEN = 8
 MEMORY_FAILURE = 0x6581  # ISO 7816-4 §5.6, Table 6: 65 81 "memory failure"
+
+log = logging.getLogger(__name__)
 
 
 class CardPin(Protocol):
@@ -119,6 +132,24 @@ class PinService:
         """Forget the verification (power off, cold reset)."""
         self._verified = False
 
+    def _locked(self, command: Callable[[], bytes]) -> bytes:
+        """Run ``command`` holding the card's lock, on the state as stored right now."""
+        try:
+            with self._store.locked():
+                try:
+                    loaded = self._store.load()
+                except Exception as exc:  # unreadable or corrupt: never guess a counter
+                    log.error("PIN refused: %s", exc)
+                    raise CardError(MEMORY_FAILURE, "PIN state could not be read") from exc
+                if loaded is not None:
+                    self._state = loaded
+                return command()
+        except CardError:
+            raise
+        except Exception as exc:  # the lock itself failed (state directory gone...)
+            log.error("PIN refused: %s", exc)
+            raise CardError(MEMORY_FAILURE, "PIN state could not be locked") from exc
+
     def _commit(self, state: PinState) -> None:
         """Persist ``state`` before anything depends on it (never answer first)."""
         if state == self._state:
@@ -126,6 +157,7 @@ class PinService:
         try:
             self._store.save(state)
         except Exception as exc:  # the store is I/O we do not control; fail closed
+            log.error("PIN refused: %s", exc)
             raise CardError(MEMORY_FAILURE, "PIN state could not be saved") from exc
         self._state = state
 
@@ -157,6 +189,9 @@ class PinService:
 
     def verify(self, apdu: CommandApdu) -> bytes:
         """VERIFY ``00 20 P1 00 [Lc PIN]`` (ISO 7816-4 §11.5.6)."""
+        return self._locked(lambda: self._verify(apdu))
+
+    def _verify(self, apdu: CommandApdu) -> bytes:
         if apdu.p2 != 0x00:
             raise CardError(SW.REFERENCED_DATA_NOT_FOUND, "only the global PIN (00) exists")
         if apdu.p1 == 0xFF:
@@ -180,6 +215,9 @@ class PinService:
 
     def change_reference_data(self, apdu: CommandApdu) -> bytes:
         """CHANGE REFERENCE DATA ``00 24 P1 00`` (ISO 7816-4 §11.5.7)."""
+        return self._locked(lambda: self._change_reference_data(apdu))
+
+    def _change_reference_data(self, apdu: CommandApdu) -> bytes:
         if apdu.p2 != 0x00:
             raise CardError(SW.REFERENCED_DATA_NOT_FOUND)
         if apdu.p1 == 0x00:
@@ -209,6 +247,9 @@ class PinService:
 
     def reset_retry_counter(self, apdu: CommandApdu) -> bytes:
         """RESET RETRY COUNTER ``00 2C P1 00`` (ISO 7816-4 §11.5.10)."""
+        return self._locked(lambda: self._reset_retry_counter(apdu))
+
+    def _reset_retry_counter(self, apdu: CommandApdu) -> bytes:
         if apdu.p2 != 0x00:
             raise CardError(SW.REFERENCED_DATA_NOT_FOUND)
         if apdu.p1 == 0x00:

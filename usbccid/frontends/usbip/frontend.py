@@ -4,7 +4,14 @@ A reader is a :class:`usbccid.ccid.reader.CcidReader` (the USB function) inside 
 :class:`usbccid.usbip.device.VirtualDevice`, exported by one
 :class:`usbccid.usbip.exporter.Exporter` under bus ids 1-1, 1-2, ... in reader order and
 served over TCP by :class:`usbccid.frontends.usbip.server.UsbipServer`, which enforces the
-configuration's allow-list.
+configuration's allow-list and keeps TCP keepalive on every connection (``[server]
+keepalive_*``).
+
+Readers added while running (``ctl add-reader``, ``ctl reload``) get their configured
+``bus_id`` if it is free, else the bus id a reader of that name had before in this run,
+else the next bus id never used: a host never finds another reader under a bus id it
+knew. A removed reader is unplugged: its importer's connection is closed, as when the
+server stops.
 """
 
 from __future__ import annotations
@@ -21,15 +28,21 @@ from usbccid.ccid.identity import DEFAULT_PRESET, make_identity
 from usbccid.ccid.pinpad import PinPad, PinPadConfig
 from usbccid.ccid.reader import CcidReader
 from usbccid.ccid.slot import SlotState
-from usbccid.frontends.base import FrontendError
-from usbccid.frontends.usbip.server import UsbipServer
+from usbccid.frontends.base import FrontendError, FrontendReader
+from usbccid.frontends.usbip.server import Keepalive, UsbipServer
 from usbccid.tool import config as cfg
 from usbccid.usbip.device import VirtualDevice
 from usbccid.usbip.exporter import Exporter
 from usbccid.usbip.function import DeviceIdentity, UsbFunction
 
-#: Builds the virtual device around a reader (``--pcap`` passes one that also records).
-DeviceFactory = Callable[[DeviceIdentity, UsbFunction], VirtualDevice]
+#: Builds the virtual device around a reader that will be exported under the bus id (the
+#: third argument; ``--pcap`` passes a factory whose devices also record).
+DeviceFactory = Callable[[DeviceIdentity, UsbFunction, str], VirtualDevice]
+
+
+def plain_device(identity: DeviceIdentity, function: UsbFunction, busid: str) -> VirtualDevice:
+    return VirtualDevice(identity, function)
+
 
 _SLOT_STATES = {
     SlotState.ABSENT: "empty",
@@ -74,11 +87,13 @@ def reader_identity(config: cfg.ReaderConfig, state_dir: Path) -> DeviceIdentity
 class UsbipReader:
     """One exported reader: a CCID reader in a virtual USB device with a bus id."""
 
-    def __init__(self, exporter: Exporter, reader: CcidReader, device: VirtualDevice) -> None:
+    def __init__(
+        self, exporter: Exporter, reader: CcidReader, device: VirtualDevice, bus_id: str
+    ) -> None:
         self._exporter = exporter
         self.reader = reader
         self.device = device
-        self.bus_id = exporter.add(device)
+        self.bus_id = exporter.add(device, bus_id)
 
     @property
     def address(self) -> str:
@@ -127,7 +142,7 @@ def ccid_config(config: cfg.ReaderConfig) -> CcidConfig:
 class UsbipFrontend:
     """Every ``frontend = "usbip"`` reader, on one USB/IP server (``[server]``)."""
 
-    def __init__(self, config: cfg.Config, make_device: DeviceFactory = VirtualDevice) -> None:
+    def __init__(self, config: cfg.Config, make_device: DeviceFactory = plain_device) -> None:
         assert config.state_dir is not None
         self.config = config
         self.state_dir: Path = config.state_dir
@@ -136,8 +151,38 @@ class UsbipFrontend:
         self.readers: list[UsbipReader] = []
         self.address: tuple[str, int] | None = None
         self._server: UsbipServer | None = None
+        self._bus_ids: dict[str, str] = {}  # reader name -> the bus id it had in this run
+
+    def _bus_id(self, config: cfg.ReaderConfig) -> str:
+        taken = self.exporter.devices
+        if self._server is None:
+            # Before the start: in reader order, so that a configuration reads as it runs.
+            bus_id = self.exporter.next_busid()
+            if config.bus_id is not None and config.bus_id != bus_id:
+                raise FrontendError(
+                    f"{config.origin}: reader {config.name!r} asks for bus id {config.bus_id}, "
+                    "but this server numbers bus ids 1-1, 1-2, ... in reader order (it would "
+                    f"be {bus_id})"
+                )
+            return bus_id
+        if config.bus_id is not None:
+            if config.bus_id in taken:
+                raise FrontendError(
+                    f"{config.origin}: reader {config.name!r} asks for bus id {config.bus_id}, "
+                    "which another reader has"
+                )
+            return config.bus_id
+        before = self._bus_ids.get(config.name)
+        if before is not None and before not in taken:
+            return before
+        return self.exporter.next_busid()
 
     def add_reader(self, config: cfg.ReaderConfig) -> UsbipReader:
+        """Build and export the reader ``config`` describes (before or after the start).
+
+        Raises:
+            FrontendError: its bus id or identity cannot be had.
+        """
         assert config.frontend == "usbip", config.frontend
         # pcscd puts iInterface into the reader's name: "VMware Virtual USB CCID
         # [usbccid desk] (serial) 00 00", so the configured name shows on the host.
@@ -147,18 +192,28 @@ class UsbipFrontend:
             config=ccid_config(config),
             interface_name=f"usbccid {config.name}",
         )
-        exported = UsbipReader(self.exporter, reader, self.make_device(reader.identity, reader))
-        if config.bus_id is not None and config.bus_id != exported.bus_id:
-            raise FrontendError(
-                f"{config.origin}: reader {config.name!r} asks for bus id {config.bus_id}, but "
-                "this server numbers bus ids 1-1, 1-2, ... in reader order (it would be "
-                f"{exported.bus_id})"
-            )
+        bus_id = self._bus_id(config)
+        try:
+            device = self.make_device(reader.identity, reader, bus_id)
+            exported = UsbipReader(self.exporter, reader, device, bus_id)
+        except ValueError as exc:
+            raise FrontendError(f"{config.origin}: reader {config.name!r}: {exc}") from None
+        self._bus_ids[config.name] = exported.bus_id
         self.readers.append(exported)
+        self.poke()
         return exported
 
+    def remove_reader(self, reader: FrontendReader) -> None:
+        """Unplug ``reader``: it leaves the device list, its importer is disconnected."""
+        mine = next(r for r in self.readers if r is reader)
+        self.readers.remove(mine)
+        self.exporter.remove(mine.bus_id)
+        self.poke()  # the driver closes the importer's connection
+
     async def start(self) -> None:
-        server = UsbipServer(self.exporter, allow=self.config.server.is_allowed)
+        server = UsbipServer(
+            self.exporter, allow=self.config.server.is_allowed, keepalive=keepalive(self.config)
+        )
         host, port = self.config.server.host, self.config.server.port
         try:
             self.address = await server.start(host, port)
@@ -196,6 +251,13 @@ class UsbipFrontend:
         lines = ["attach on the host (as root, after 'modprobe vhci-hcd'):"]
         lines += [f"  usbip{port_opt} attach -r {attach_host} -b {r.bus_id}" for r in self.readers]
         return lines
+
+
+def keepalive(config: cfg.Config) -> Keepalive:
+    server = config.server
+    return Keepalive(
+        idle=server.keepalive_idle, interval=server.keepalive_interval, count=server.keepalive_count
+    )
 
 
 def hostport(host: str, port: int) -> str:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar, cast
 
@@ -38,6 +40,58 @@ WRITE_LOW = 64 * 1024
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Keepalive:
+    """TCP keepalive for every accepted connection (tcp(7)): after ``idle`` seconds of
+    silence, a probe every ``interval`` seconds; ``count`` unanswered probes close the
+    connection. TCP_USER_TIMEOUT gets the same window, so that unacknowledged data (a peer
+    that vanished while we were sending) is given up as soon, not after tcp_retries2."""
+
+    idle: int = 20
+    interval: int = 10
+    count: int = 3
+
+    @property
+    def window(self) -> int:
+        """Seconds from a peer's last sign of life until its connection is closed."""
+        return self.idle + self.interval * self.count
+
+
+def configure_socket(sock: socket.socket, keepalive: Keepalive) -> None:
+    """TCP_NODELAY and keepalive on an accepted USB/IP socket.
+
+    usbipd and the usbip tool set TCP_NODELAY (usbip_network.c); without it Nagle and
+    delayed ACKs add tens of ms per URB. Keepalive finds peers that vanished without a FIN
+    or RST, which would otherwise keep a device imported for the kernel's default 2 h 11 min.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, keepalive.window * 1000)
+
+
+#: The head of struct tcp_info (linux/tcp.h): 8 bytes of u8 fields and bit fields, then
+#: u32s: rto, ato, snd_mss, rcv_mss, unacked, sacked, lost, retrans, fackets,
+#: last_data_sent, last_ack_sent, last_data_recv, last_ack_recv (ms ago).
+_TCP_INFO = struct.Struct("=8B13I")
+
+
+def silent_for(sock: socket.socket) -> float | None:
+    """Seconds since the peer last sent anything (data, or an ACK, such as the answer to
+    a keepalive probe), from the kernel's TCP_INFO; None if unknown."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
+    except OSError:
+        return None
+    if len(raw) < _TCP_INFO.size:
+        return None
+    fields = _TCP_INFO.unpack(raw)
+    last_data_recv, last_ack_recv = fields[8 + 11], fields[8 + 12]
+    return float(min(last_data_recv, last_ack_recv)) / 1000
+
+
 class _Peer(asyncio.Protocol):
     """One accepted TCP connection: an :class:`asyncio.Protocol` (no streams, no task).
 
@@ -54,6 +108,8 @@ class _Peer(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.name = "?"
+        self.host = ""
+        self.sock: socket.socket | None = None
         self.conn: ExportConnection | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -68,7 +124,7 @@ class _Peer(asyncio.Protocol):
         self.transport = transport
         server = self.server
         peername = transport.get_extra_info("peername")
-        host = str(peername[0]) if peername else ""
+        host = self.host = str(peername[0]) if peername else ""
         self.name = f"{peername[0]}:{peername[1]}" if peername else "?"
         if server.allow is not None and not server.allow(host):
             server.refused += 1
@@ -78,13 +134,9 @@ class _Peer(asyncio.Protocol):
             return
         server.accepted += 1
         server.peers.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # usbipd and the usbip tool set TCP_NODELAY (usbip_network.c); without it Nagle
-            # and delayed ACKs add tens of ms per URB. Keepalive finds half-dead peers that
-            # would otherwise keep a device imported forever.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.sock = transport.get_extra_info("socket")
+        if self.sock is not None:
+            configure_socket(self.sock, server.keepalive)
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         self.conn = server.exporter.connect(self.name)
         log.info("%s: connected", self.name)
@@ -225,11 +277,19 @@ class _Peer(asyncio.Protocol):
 class UsbipServer:
     """A USB/IP TCP server for ``exporter`` on one event loop."""
 
-    def __init__(self, exporter: Exporter, *, allow: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        exporter: Exporter,
+        *,
+        allow: Callable[[str], bool] | None = None,
+        keepalive: Keepalive | None = None,
+    ) -> None:
         """``allow(host)`` decides whether a client address may connect at all (USB/IP has
         no authentication: an allow-list is the only gate); None allows everyone."""
         self.exporter = exporter
         self.allow = allow
+        self.keepalive = keepalive or Keepalive()
+        exporter.takeover = self._may_take_over
         self.accepted = 0  # connections taken
         self.refused = 0  # connections closed at once by ``allow``
         self.peers: set[_Peer] = set()
@@ -242,6 +302,28 @@ class UsbipServer:
         address = self._server.sockets[0].getsockname()
         log.info("USB/IP server listening on %s:%s", address[0], address[1])
         return address[0], address[1]
+
+    def _may_take_over(self, holder: ExportConnection, claimant: ExportConnection) -> bool:
+        """A busy device goes to a new import from the same host when the old connection
+        has missed a keepalive probe (silent for idle + interval): a live importer, idle or
+        not, answers every probe, and a host that rebooted or lost its vhci port comes back
+        from the same address while its old connection cannot answer any more. Anyone else
+        gets ST_DEV_BUSY until keepalive closes the old connection (``window``)."""
+        peers = {peer.conn: peer for peer in self.peers}
+        old, new = peers.get(holder), peers.get(claimant)
+        if old is None or new is None or old.host != new.host or old.sock is None:
+            return False
+        silence = silent_for(old.sock)
+        limit = self.keepalive.idle + self.keepalive.interval
+        if silence is None or silence < limit:
+            return False
+        log.warning(
+            "%s: silent for %.0f s; %s (same host) takes its device over",
+            old.name,
+            silence,
+            new.name,
+        )
+        return True
 
     def poke(self) -> None:
         """Re-poll every connection's parked URBs (after a card insertion, say)."""

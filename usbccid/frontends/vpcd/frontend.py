@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 
 from usbccid.card import Card
-from usbccid.frontends.base import FrontendError
+from usbccid.frontends.base import FrontendError, FrontendReader
 from usbccid.frontends.vpcd.keepalive import PcscdKeepAlive
 from usbccid.frontends.vpcd.shell import VpcdFrontend, VpcdStatus
 from usbccid.frontends.vpcd.wire import VPCD_PORT
@@ -127,8 +127,18 @@ class VpcdFrontends:
                     f"{config.origin}: reader {config.name!r} uses the vpcd ports of reader "
                     f"{other.config.name!r} (slot N connects to port + N)"
                 )
+        if self._started:
+            raise FrontendError(
+                f"{config.origin}: reader {config.name!r}: vpcd readers are fixed while "
+                "running (restart the server)"
+            )
         self.readers.append(reader)
         return reader
+
+    def remove_reader(self, reader: FrontendReader) -> None:
+        if self._started:
+            raise FrontendError("vpcd readers are fixed while running (restart the server)")
+        self.readers = [r for r in self.readers if r is not reader]
 
     async def start(self) -> None:
         """Start connecting; never fails for want of vpcd (each slot retries, backing off)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 
 from usbccid.card import Card
-from usbccid.frontends.base import FrontendError
+from usbccid.frontends.base import FrontendError, FrontendReader
 from usbccid.frontends.vscard.server import VscardServer
 from usbccid.tool import config as cfg
 from usbccid.usbip.function import DeviceIdentity
@@ -127,8 +127,14 @@ class VscardFrontend:
     def __init__(self, config: cfg.Config) -> None:
         self.config = config
         self.readers: list[VscardReader] = []
+        self._started = False
 
     def add_reader(self, config: cfg.ReaderConfig) -> VscardReader:
+        if self._started:
+            raise FrontendError(
+                f"{config.origin}: reader {config.name!r}: VSCard readers are fixed while "
+                "running (restart the server)"
+            )
         if config.vscard is None:
             raise FrontendError(f"{config.origin}: reader {config.name}: no vscard endpoint")
         server = VscardServer(
@@ -140,7 +146,13 @@ class VscardFrontend:
         self.readers.append(reader)
         return reader
 
+    def remove_reader(self, reader: FrontendReader) -> None:
+        if self._started:
+            raise FrontendError("VSCard readers are fixed while running (restart the server)")
+        self.readers = [r for r in self.readers if r is not reader]
+
     async def start(self) -> None:
+        self._started = True
         started: list[VscardReader] = []
         try:
             for reader in self.readers:
