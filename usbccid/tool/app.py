@@ -662,15 +662,6 @@ class App:
             except UsbccidError as exc:
                 _close_live(card for cards in loaded.values() for card in cards)
                 raise ControlError(f"cards not reloaded: {exc}") from None
-        try:
-            _one_place(
-                (rc.name, index, sc, card)
-                for rc in new.readers
-                for index, (sc, card) in enumerate(zip(rc.slots, loaded[rc.name], strict=True))
-            )
-        except ControlError as exc:
-            _close_live(card for cards in loaded.values() for card in cards)
-            raise ControlError(f"configuration not reloaded: {exc}") from None
 
         def replugged(r: _Reader, rc: cfg.ReaderConfig) -> bool:
             return (
@@ -693,6 +684,24 @@ class App:
         removed = [n for n in removed if n not in fixed]
         replaced = [n for n in replaced if n not in fixed]
         added = [n for n in added if n not in fixed]
+        # The readers as they will be: the new configuration's, except the fixed ones,
+        # which keep what they hold now.
+        after = [
+            (rc.name, index, sc, card)
+            for rc in new.readers
+            if rc.name not in fixed
+            for index, (sc, card) in enumerate(zip(rc.slots, loaded[rc.name], strict=True))
+        ]
+        after += [
+            (name, index, slot.config, slot.card)
+            for name in sorted(fixed & set(running))
+            for index, slot in enumerate(running[name].slots)
+        ]
+        try:
+            _one_place(after)
+        except ControlError as exc:
+            _close_live(card for cards in loaded.values() for card in cards)
+            raise ControlError(f"configuration not reloaded: {exc}") from None
         for name in fixed & set(wanted):
             _close_live(loaded[name])
         for name in removed + replaced:

@@ -271,3 +271,45 @@ def test_keepalive_without_libpcsclite_holds_nothing() -> None:
     assert "cannot load libno-such-pcsclite.so.1" in keepalive.last_error
     assert not keepalive.held
     keepalive.release()
+
+
+def test_vpcd_readers_are_fixed_while_running(state: Path, tmp_path: Path) -> None:
+    """A reload may add or remove USB/IP readers; a vpcd reader it would add, remove or
+    replace stays as it is and is reported as needing a restart."""
+    from usbccid.tool.control import ControlError
+
+    port = free_port_pair()
+    path = tmp_path / "c.toml"
+    vpcd = f'[[reader]]\nname = "pcsc"\nfrontend = "vpcd"\nvpcd = {{ port = {port} }}\n'
+    usb = '[[reader]]\nname = "desk"\n  [[reader.slot]]\n  card = "second"\n'
+    path.write_text("[server]\nport = 0\n" + vpcd)
+
+    async def test() -> None:
+        app = App(replace(cfg.load_config(path), state_dir=state))
+        await app.start()
+        try:
+            with pytest.raises(ControlError, match="only USB/IP readers"):
+                app.remove_reader("pcsc")
+            # the vpcd reader goes from the file, a USB/IP one comes
+            path.write_text("[server]\nport = 0\n" + usb)
+            result = app.reload()
+            assert result["added"] == ["desk"]
+            assert result["removed"] == []
+            assert result["restart_needed"] == ["reader pcsc: not on USB/IP, fixed while running"]
+            assert sorted(r.config.name for r in app.readers) == ["desk", "pcsc"]
+            # a second vpcd reader is not plugged in either
+            other = vpcd.replace('"pcsc"', '"pcsc2"').replace(str(port), str(port + 2))
+            path.write_text("[server]\nport = 0\n" + vpcd + usb + other)
+            result = app.reload()
+            assert result["added"] == []
+            assert result["restart_needed"] == ["reader pcsc2: not on USB/IP, fixed while running"]
+            assert sorted(r.config.name for r in app.readers) == ["desk", "pcsc"]
+            # the card the kept vpcd reader holds cannot go to another slot meanwhile
+            path.write_text("[server]\nport = 0\n" + usb.replace('"second"', '"default"'))
+            with pytest.raises(ControlError, match=r"\(reader desk slot 0\) and reader pcsc"):
+                app.reload()
+            assert app.status().readers[0].slots[0].state in ("empty", "present", "active")
+        finally:
+            await app.close()
+
+    asyncio.run(test())
