@@ -471,7 +471,7 @@ class App:
             self._check_stored(card)
             config = CardConfig(stored=card, origin=f"ctl insert {r.config.name}:{slot}")
             try:
-                loaded = load_card(config, self.state_dir, self._now())
+                loaded = self._load(config)
             except UsbccidError as exc:
                 raise ControlError(str(exc)) from None
             current = r.slots[slot]
