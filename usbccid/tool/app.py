@@ -38,7 +38,7 @@ from usbccid.ccid.pinpad import PinPad
 from usbccid.ccid.pinpad import PinPrompt as Prompt
 from usbccid.errors import UsbccidError
 from usbccid.frontends.base import Frontend, FrontendError, FrontendReader
-from usbccid.frontends.registry import FRONTENDS
+from usbccid.frontends.registry import frontend_class
 from usbccid.frontends.usbip.frontend import UsbipFrontend
 from usbccid.tool import config as cfg
 from usbccid.tool.control import (
@@ -198,7 +198,7 @@ class App:
         frontend = self.frontends.get(name)
         if frontend is None:
             # USB/IP's devices record to --pcap: its front end is built with our factory
-            frontend = self.usbip if name == "usbip" else FRONTENDS[name](self.config)
+            frontend = self.usbip if name == "usbip" else frontend_class(name)(self.config)
             self.frontends[name] = frontend
         return frontend
 

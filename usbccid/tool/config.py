@@ -46,7 +46,7 @@ from typing import Final
 
 from usbccid.cards import cac
 from usbccid.cards.cac import CardConfig
-from usbccid.cards.registry import SOURCES, CardSourceConfig
+from usbccid.cards.registry import SOURCES, CardSourceConfig, source_module
 from usbccid.tool.schema import Checker, ConfigError, KeyPath, toml_error, type_name
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -644,20 +644,20 @@ def _slot(ck: Checker, raw: object, path: KeyPath) -> SlotConfig:
     if not isinstance(raw, dict):
         raise ck.fail(path, f"expected a table, got {type_name(raw)}")
     card_type = ck.get(raw, path, "type", str, cac.TYPE)
-    source = SOURCES.get(card_type)
-    if source is None:
+    if card_type not in SOURCES:
         raise ck.fail(
             (*path, "type"),
             f"unknown card type {card_type!r} (supported: {', '.join(SOURCES)})",
         )
-    t = ck.table(raw, path, (*_SLOT_KEYS, *source.KEYS))
+    card_source = source_module(card_type)
+    t = ck.table(raw, path, (*_SLOT_KEYS, *card_source.KEYS))
     inserted = ck.get(t, path, "inserted", bool, True)
     stored = ck.get(t, path, "card", str)
     if stored is not None and stored.lower() == "none":
         if [k for k in t if k not in (*_SLOT_KEYS, "card")]:
             raise ck.fail((*path, "card"), 'an empty slot (card = "none") takes no card keys')
         return SlotConfig(card=None, inserted=False)
-    return SlotConfig(card=source.parse(ck, t, path), inserted=inserted)
+    return SlotConfig(card=card_source.parse(ck, t, path), inserted=inserted)
 
 
 def _check_unique(ck: Checker, readers: Sequence[ReaderConfig]) -> None:
