@@ -64,6 +64,7 @@ import shlex
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -467,10 +468,15 @@ def usbccid_cli() -> list[str]:
 
 @contextlib.contextmanager
 def usbccid_serve(
-    folder: Path, keys: list[tuple[Path, Path, Path]], identity: str, passthru: bool
+    folder: Path,
+    keys: list[tuple[Path, Path, Path]],
+    identity: str,
+    passthru: bool,
+    pcap: Path | None = None,
 ) -> Iterator[tuple[int, int, int | None]]:
-    """``usbccid card new`` with the keys, then ``usbccid serve --port 0``; yield its port,
-    PID, and (``passthru``) the port of its VSCard reader for QEMU's ccid-card-passthru."""
+    """``usbccid card new`` with the keys, then ``usbccid serve --port 0`` (capturing the
+    USB/IP reader's traffic to ``pcap``); yield its port, PID, and (``passthru``) the port
+    of its VSCard reader for QEMU's ccid-card-passthru."""
     cli = usbccid_cli()
     state = folder / "state"
     # The passthru reader gets its own stored card with the same keys and certificates
@@ -513,7 +519,15 @@ def usbccid_serve(
     log_file = folder / "serve.log"
     with open(log_file, "wb") as out:
         proc = subprocess.Popen(
-            [*cli, "serve", "--state-dir", str(state), "--config", str(config)],
+            [
+                *cli,
+                "serve",
+                "--state-dir",
+                str(state),
+                "--config",
+                str(config),
+                *(["--pcap", str(pcap)] if pcap is not None else []),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -540,6 +554,81 @@ def usbccid_serve(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+# The server's capture (usbccid serve --pcap): pcap records of Linux usbmon packets
+# (Documentation/usb/usbmon.rst, binary API), each URB a submission "S" when the server
+# read it and a completion "C" when it wrote the answer, stamped by the server's clock.
+_PCAP_HEADER = struct.Struct("<IHHiIII")
+_PCAP_RECORD = struct.Struct("<IIII")
+_USBMON = struct.Struct("<QBBBBHbbqiiII8siiII")
+_BULK = 3  # usbmon's xfer_type of bulk transfers
+_BULK_OUT, _BULK_IN = 0x01, 0x82  # our reader's endpoints (CCID bulk OUT, bulk IN)
+#: an exchange's middle records and how many of its records come before each
+_MIDDLE_STEPS = {(_BULK_OUT, ord("C")): 1, (_BULK_IN, ord("S")): 2}
+
+
+@dataclass
+class Split:
+    """Where one APDU exchange's time goes, from the server's capture (medians, µs)."""
+
+    exchanges: int
+    server_us: float  # bulk OUT read -> its completion written, + bulk IN read -> answer
+    guest_us: float  # OUT completion -> the IN's submission, + answer -> next OUT
+    server_total_s: float  # every exchange's server time added up
+    guest_total_s: float  # the same for the in-exchange guest time (OUT done -> IN read)
+
+
+def exchange_split(pcap: Path) -> Split | None:
+    """One exchange, as libccid makes it (a bulk OUT of PC_to_RDR_XfrBlock, then a bulk
+    IN for the answer), split into the server's time and the guest's from the capture's
+    timestamps. The guest's time includes the network (TCP over QEMU's user network) and
+    everything the guest does: vhci-hcd, libusb, libccid, pcscd, pyscard or OpenSC. The
+    gap after an answer is counted only to the median (it also holds the idle time while
+    the other reader runs its block)."""
+    data = pcap.read_bytes()
+    at = _PCAP_HEADER.size
+    state: dict[tuple[int, int], list[float]] = {}  # device -> [t_out_s, t_out_c, t_in_s]
+    last_answer: dict[tuple[int, int], float] = {}
+    server: list[float] = []
+    between: list[float] = []
+    after: list[float] = []
+    while at + _PCAP_RECORD.size <= len(data):
+        _, _, captured, _ = _PCAP_RECORD.unpack_from(data, at)
+        at += _PCAP_RECORD.size
+        record = data[at : at + captured]
+        at += captured
+        if len(record) < _USBMON.size:
+            continue
+        fields = _USBMON.unpack_from(record)
+        _, kind, xfer, ep, devnum, busnum = fields[:6]
+        sec, usec = fields[8], fields[9]
+        if xfer != _BULK:
+            continue
+        t = sec + usec / 1e6
+        device = (busnum, devnum)
+        steps = state.setdefault(device, [])
+        if (ep, kind) == (_BULK_OUT, ord("S")):
+            if device in last_answer:
+                after.append(t - last_answer.pop(device))
+            steps[:] = [t]
+        elif _MIDDLE_STEPS.get((ep, kind)) == len(steps):
+            steps.append(t)
+        elif (ep, kind) == (_BULK_IN, ord("C")) and len(steps) == 3:
+            out_s, out_c, in_s = steps
+            server.append((out_c - out_s) + (t - in_s))
+            between.append(in_s - out_c)
+            last_answer[device] = t
+            steps.clear()
+    if not server or not after:
+        return None
+    return Split(
+        exchanges=len(server),
+        server_us=median(server) * 1e6,
+        guest_us=(median(between) + median(after)) * 1e6,
+        server_total_s=sum(server),
+        guest_total_s=sum(between),
+    )
 
 
 @dataclass
@@ -832,7 +921,7 @@ def main() -> int:
         qemu_args += ["-qmp", f"tcp:127.0.0.1:{qmp_port},server=on,wait=off"]
         with contextlib.ExitStack() as stack:
             port, serve_pid, vscard_port = stack.enter_context(
-                usbccid_serve(work, keys, args.identity, args.passthru)
+                usbccid_serve(work, keys, args.identity, args.passthru, pcap=work / "ours.pcap")
             )
             if vscard_port is not None:
                 # Our card in a second usb-ccid, as the serve banner says (+ serial, bus).
@@ -984,6 +1073,16 @@ def main() -> int:
             f"usbccid serve (host) CPU per run: median {median(serve_cpu):.2f} s, i.e. "
             f"{median(busy) * 100:.0f} % of the time our reader's workloads took in the guest"
         )
+        split = exchange_split(work / "ours.pcap")
+        if split is not None:
+            share = split.server_us / (split.server_us + split.guest_us)
+            print(
+                f"one APDU exchange through our reader (median of {split.exchanges}, from the "
+                f"server's capture): server {split.server_us:.0f} µs, guest + network "
+                f"{split.guest_us:.0f} µs (server {share * 100:.0f} %); over all exchanges, "
+                f"server {split.server_total_s:.2f} s, guest between OUT and IN "
+                f"{split.guest_total_s:.2f} s"
+            )
         print("\nper run, ours / reference (SELECT/s, READ BUFFER/s, sig/s), host load:")
         for x, y, load in zip(o, f, loads, strict=True):
             print(
