@@ -99,3 +99,8 @@ def test_a_token_slot_is_read_by_its_own_source() -> None:
     assert card.type == "pkcs11"
     assert type(card).__module__ == "usbccid.cards.pkcs11"
     assert "usbccid.cards.pkcs11" in sys.modules
+
+
+def test_only_usbip_readers_come_and_go_while_running() -> None:
+    hot = {name: frontends.frontend_class(name).hot_plug for name in frontends.FRONTENDS}
+    assert hot == {"usbip": True, "vpcd": False, "vscard": False}

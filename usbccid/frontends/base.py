@@ -12,7 +12,7 @@ them (``usbccid.cards``) and inserts fresh :class:`~usbccid.card.Card` objects.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from usbccid.card import Card
 from usbccid.ccid.pinpad import PinPad
@@ -74,6 +74,12 @@ class PinPadReader(FrontendReader, Protocol):
 
 class Frontend(Protocol):
     """A way for hosts to reach readers (one instance serves all readers of its kind)."""
+
+    #: whether readers come and go while running (:meth:`add_reader` and
+    #: :meth:`remove_reader` after :meth:`start`): USB/IP devices are plugged in and out
+    #: of a running server; a vpcd or VSCard reader is a connection or a listening
+    #: endpoint of its own, made at start, so its readers change only by a restart
+    hot_plug: ClassVar[bool]
 
     def add_reader(self, config: ReaderConfig) -> FrontendReader:
         """Build the reader ``config`` describes (before :meth:`start`, or while running:

@@ -11,7 +11,8 @@ readers never loads the vpcd or VSCard code (a tenth of its start time).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import Protocol
 
 from usbccid.frontends.base import Frontend
 from usbccid.tool.config import Config
@@ -24,12 +25,20 @@ FRONTENDS: Mapping[str, tuple[str, str]] = {
 }
 
 
-def frontend_class(name: str) -> Callable[[Config], Frontend]:
+class FrontendClass(Protocol):
+    """A front end's class: built from the whole configuration."""
+
+    hot_plug: bool  # :attr:`usbccid.frontends.base.Frontend.hot_plug`
+
+    def __call__(self, config: Config) -> Frontend: ...
+
+
+def frontend_class(name: str) -> FrontendClass:
     """The class of front end ``name`` (its module imported now if it was not yet).
 
     Raises:
         KeyError: no such front end.
     """
     module, attribute = FRONTENDS[name]
-    cls: Callable[[Config], Frontend] = getattr(importlib.import_module(module), attribute)
+    cls: FrontendClass = getattr(importlib.import_module(module), attribute)
     return cls

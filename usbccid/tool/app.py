@@ -625,10 +625,10 @@ class App:
     def remove_reader(self, reader: str) -> Mapping[str, Any]:
         """Unplug a reader (``ctl remove-reader``): its importer sees it disconnected."""
         r = self._find(reader)
-        if r.config.frontend != "usbip":
+        if not frontend_class(r.config.frontend).hot_plug:
             raise ControlError(
-                f"reader {r.config.name} is on {r.config.frontend}: only USB/IP readers are "
-                "added and removed while running"
+                f"reader {r.config.name} is on {r.config.frontend}, whose readers are fixed "
+                "while running (only USB/IP readers are added and removed)"
             )
         self._unplug(r)
         self._counters["readers_removed"] = self._counters.get("readers_removed", 0) + 1
@@ -676,11 +676,19 @@ class App:
         removed = [name for name in running if name not in wanted]
         replaced = [n for n, r in running.items() if n in wanted and replugged(r, wanted[n])]
         added = [name for name in wanted if name not in running]
-        # vpcd and VSCard readers connect out or listen on their own endpoint: they are
-        # plugged in and out only by a restart.
-        fixed = {n for n in removed + replaced if running[n].config.frontend != "usbip"}
-        fixed |= {n for n in added if wanted[n].frontend != "usbip"}
-        restart = [f"reader {n}: not on USB/IP, fixed while running" for n in sorted(fixed)]
+
+        # Readers of a front end without hot plug (vpcd, VSCard: a connection or an
+        # endpoint of their own) are plugged in and out only by a restart.
+        def hot_plug(rc: cfg.ReaderConfig) -> bool:
+            return frontend_class(rc.frontend).hot_plug
+
+        fixed = {n for n in removed + replaced if not hot_plug(running[n].config)}
+        fixed |= {n for n in added if not hot_plug(wanted[n])}
+        restart = [
+            f"reader {n}: on {(running[n].config if n in running else wanted[n]).frontend}, "
+            "fixed while running"
+            for n in sorted(fixed)
+        ]
         removed = [n for n in removed if n not in fixed]
         replaced = [n for n in replaced if n not in fixed]
         added = [n for n in added if n not in fixed]

@@ -288,21 +288,21 @@ def test_vpcd_readers_are_fixed_while_running(state: Path, tmp_path: Path) -> No
         app = App(replace(cfg.load_config(path), state_dir=state))
         await app.start()
         try:
-            with pytest.raises(ControlError, match="only USB/IP readers"):
+            with pytest.raises(ControlError, match="is on vpcd, whose readers are fixed"):
                 app.remove_reader("pcsc")
             # the vpcd reader goes from the file, a USB/IP one comes
             path.write_text("[server]\nport = 0\n" + usb)
             result = app.reload()
             assert result["added"] == ["desk"]
             assert result["removed"] == []
-            assert result["restart_needed"] == ["reader pcsc: not on USB/IP, fixed while running"]
+            assert result["restart_needed"] == ["reader pcsc: on vpcd, fixed while running"]
             assert sorted(r.config.name for r in app.readers) == ["desk", "pcsc"]
             # a second vpcd reader is not plugged in either
             other = vpcd.replace('"pcsc"', '"pcsc2"').replace(str(port), str(port + 2))
             path.write_text("[server]\nport = 0\n" + vpcd + usb + other)
             result = app.reload()
             assert result["added"] == []
-            assert result["restart_needed"] == ["reader pcsc2: not on USB/IP, fixed while running"]
+            assert result["restart_needed"] == ["reader pcsc2: on vpcd, fixed while running"]
             assert sorted(r.config.name for r in app.readers) == ["desk", "pcsc"]
             # the card the kept vpcd reader holds cannot go to another slot meanwhile
             path.write_text("[server]\nport = 0\n" + usb.replace('"second"', '"default"'))

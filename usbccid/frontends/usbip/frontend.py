@@ -20,7 +20,7 @@ import errno
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from usbccid.card import Card
 from usbccid.ccid.descriptor import ReaderConfig as CcidConfig
@@ -141,6 +141,8 @@ def ccid_config(config: cfg.ReaderConfig) -> CcidConfig:
 
 class UsbipFrontend:
     """Every ``frontend = "usbip"`` reader, on one USB/IP server (``[server]``)."""
+
+    hot_plug: ClassVar[bool] = True
 
     def __init__(self, config: cfg.Config, make_device: DeviceFactory = plain_device) -> None:
         assert config.state_dir is not None

@@ -12,6 +12,7 @@ default port may have at most two (a third would find nothing listening).
 from __future__ import annotations
 
 import ipaddress
+from typing import ClassVar
 
 from usbccid.card import Card
 from usbccid.frontends.base import FrontendError, FrontendReader
@@ -112,6 +113,8 @@ def describe(status: VpcdStatus) -> str:
 
 class VpcdFrontends:
     """Every ``frontend = "vpcd"`` reader of the configuration."""
+
+    hot_plug: ClassVar[bool] = False  # each slot is a connection to vpcd, made at start
 
     def __init__(self, config: cfg.Config) -> None:
         self.config = config

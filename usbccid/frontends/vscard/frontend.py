@@ -10,6 +10,7 @@ guest sees (08e6:4433 "QEMU USB CCID"). TCP listeners obey ``[server] allow``.
 from __future__ import annotations
 
 import errno
+from typing import ClassVar
 
 from usbccid.card import Card
 from usbccid.frontends.base import FrontendError, FrontendReader
@@ -123,6 +124,8 @@ class VscardReader:
 
 class VscardFrontend:
     """Every ``frontend = "vscard"`` reader, each on its own endpoint."""
+
+    hot_plug: ClassVar[bool] = False  # each reader listens on its own endpoint from start
 
     def __init__(self, config: cfg.Config) -> None:
         self.config = config
