@@ -1070,8 +1070,10 @@ def main() -> int:
             print(table(workload_rows(pt, f)))
         busy = [c / x.total_s for c, x in zip(serve_cpu, o, strict=True)]
         print(
-            f"usbccid serve (host) CPU per run: median {median(serve_cpu):.2f} s, i.e. "
-            f"{median(busy) * 100:.0f} % of the time our reader's workloads took in the guest"
+            f"usbccid serve (host) CPU per run: median {median(serve_cpu):.2f} s (the USB/IP "
+            f"reader{' and the passthru reader' if pt else ''}, and the capture), i.e. "
+            f"{median(busy) * 100:.0f} % of the time our USB/IP reader's workloads took in "
+            "the guest"
         )
         split = exchange_split(work / "ours.pcap")
         if split is not None:
