@@ -17,12 +17,12 @@ import asyncio
 import logging
 import socket
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar, cast
 
+from usbccid.frontends.loop_thread import LoopThread
 from usbccid.jobs import Job
 from usbccid.usbip.errors import UsbipRemoteError
 from usbccid.usbip.exporter import ExportConnection, Exporter
@@ -359,7 +359,7 @@ async def serve(exporter: Exporter, host: str = DEFAULT_HOST, port: int = DEFAUL
         await server.close()
 
 
-class ServerThread:
+class ServerThread(LoopThread[UsbipServer]):
     """A :class:`UsbipServer` on its own event loop in a background thread.
 
     ``with ServerThread(exporter) as (host, port): ...`` listens on a free port of
@@ -369,57 +369,35 @@ class ServerThread:
     """
 
     def __init__(self, exporter: Exporter, host: str = DEFAULT_HOST, port: int = 0) -> None:
+        super().__init__("usbip-server", "USB/IP server")
         self.exporter = exporter
         self.host = host
         self.port = port
         self.address: tuple[str, int] | None = None
         self._server = UsbipServer(exporter)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="usbip-server", daemon=True)
 
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._run())
-        except BaseException as e:  # reported to the starting thread
-            self._error = e
-            self._ready.set()
-
-    async def _run(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+    async def open(self) -> UsbipServer:
         self.address = await self._server.start(self.host, self.port)
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await self._server.close()
+        return self._server
+
+    async def shut(self, server: UsbipServer) -> None:
+        await server.close()
 
     def start(self) -> tuple[str, int]:
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise RuntimeError("USB/IP server failed to start") from self._error
+        """Listen; the bound (host, port)."""
+        self.start_thread()
         assert self.address is not None
         return self.address
 
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=10)
-
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` on the server's loop, re-poll every connection, return the result."""
-        assert self._loop is not None, "server not started"
 
-        async def in_loop() -> T:
+        async def in_loop(server: UsbipServer) -> T:
             result = fn()
-            self._server.poke()
+            server.poke()
             return result
 
-        return asyncio.run_coroutine_threadsafe(in_loop(), self._loop).result(timeout=30)
+        return self.on_loop(in_loop)
 
     def __enter__(self) -> tuple[str, int]:
         return self.start()

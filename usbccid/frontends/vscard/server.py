@@ -28,7 +28,6 @@ import logging
 import os
 import socket
 import stat
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from usbccid.card import Card
+from usbccid.frontends.loop_thread import LoopThread
 from usbccid.frontends.vscard.client import (
     MAX_PENDING,
     Answered,
@@ -472,7 +472,7 @@ def _remove_stale_socket(path: Path) -> None:
     raise OSError(f"{path}: another server is listening there")
 
 
-class VscardServerThread:
+class VscardServerThread(LoopThread[VscardServer]):
     """A :class:`VscardServer` on its own event loop in a background thread (tests).
 
     ``with VscardServerThread(card) as t: t.listen_tcp()`` ... The server is single-threaded:
@@ -480,65 +480,31 @@ class VscardServerThread:
     """
 
     def __init__(self, card: Card | None = None, **kwargs: Any) -> None:
+        super().__init__("vscard", "VSCard server")
         self._card = card
         self._kwargs = kwargs
-        self.server: VscardServer | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="vscard", daemon=True)
 
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._run())
-        except BaseException as e:  # reported to the starting thread
-            self._error = e
-            self._ready.set()
+    async def open(self) -> VscardServer:
+        return VscardServer(self._card, **self._kwargs)
 
-    async def _run(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self.server = VscardServer(self._card, **self._kwargs)
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await self.server.close()
+    async def shut(self, server: VscardServer) -> None:
+        await server.close()
 
     def start(self) -> VscardServerThread:
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise RuntimeError("VSCard server failed to start") from self._error
+        self.start_thread()
         return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=10)
 
     def call(self, fn: Callable[[VscardServer], T]) -> T:
         """``fn(server)`` on the server's loop; its result."""
-        assert self._loop is not None, "not started"
-        assert self.server is not None
-        server = self.server
 
-        async def in_loop() -> T:
+        async def in_loop(server: VscardServer) -> T:
             return fn(server)
 
-        return asyncio.run_coroutine_threadsafe(in_loop(), self._loop).result(timeout=30)
+        return self.on_loop(in_loop)
 
     def run(self, coro: Callable[[VscardServer], Awaitable[T]]) -> T:
         """``await coro(server)`` on the server's loop; its result."""
-        assert self._loop is not None, "not started"
-        assert self.server is not None
-        server = self.server
-
-        async def in_loop() -> T:
-            return await coro(server)
-
-        return asyncio.run_coroutine_threadsafe(in_loop(), self._loop).result(timeout=30)
+        return self.on_loop(coro)
 
     def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         return self.run(lambda f: f.listen_tcp(host, port))
