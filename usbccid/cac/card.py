@@ -48,6 +48,7 @@ from usbccid.cac.applets.windows import (
     MsftPnpApplet,
 )
 from usbccid.cac.errors import CardError
+from usbccid.cac.iso_card import IsoCard
 from usbccid.cac.profile import (
     CardProfile,
     Container,
@@ -105,7 +106,7 @@ class _Chain:
     data: bytearray
 
 
-class CacCard:
+class CacCard(IsoCard):
     """A DoD CAC (GSC-IS 2.1) holding ``profile``'s containers; implements ``Card``.
 
     Args:
@@ -175,26 +176,6 @@ class CacCard:
         self._pending = b""
         self._chain: _Chain | None = None
 
-    # -- Card protocol ------------------------------------------------------------
-
-    @property
-    def blocking(self) -> bool:
-        return self._blocking
-
-    def power_on(self) -> bytes:
-        self._reset()
-        return self.atr
-
-    def power_off(self) -> None:
-        self._reset()
-
-    def transmit(self, command: bytes) -> bytes:
-        try:
-            response = self._process(command)
-        except CardError as exc:  # the one place a CardError becomes a status word
-            response = ResponseApdu(b"", exc.sw)
-        return response.encode()
-
     # -- state -------------------------------------------------------------------
 
     @property
@@ -205,7 +186,7 @@ class CacCard:
     def selected_aid(self) -> bytes | None:
         return None if self._selected is None else self._selected.aids[0]
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         """Cold reset (ISO 7816-3 §6.2.2): no applet, no security status, nothing pending."""
         if self._selected is not None:
             self._selected.on_select()

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from usbccid.cac.apdu import CommandApdu, ResponseApdu
-from usbccid.cac.errors import CardError
+from usbccid.cac.iso_card import IsoCard
 from usbccid.cac.profile import PinStateStore
 from usbccid.cac.sw import SW, bytes_remaining
 from usbccid.piv.application import INS_GET_RESPONSE, PivApplication
@@ -62,7 +62,7 @@ def check_class(cla: int) -> None:
         raise PivError(SW.SECURE_MESSAGING_NOT_SUPPORTED)
 
 
-class PivCard:
+class PivCard(IsoCard):
     """A card holding one PIV Card Application made from ``profile``; implements ``Card``."""
 
     def __init__(
@@ -82,26 +82,6 @@ class PivCard:
         )
         self._pending = b""
         self._chain: _Chain | None = None
-
-    # -- Card protocol ------------------------------------------------------------
-
-    @property
-    def blocking(self) -> bool:
-        return self._blocking
-
-    def power_on(self) -> bytes:
-        self.reset()
-        return self.atr
-
-    def power_off(self) -> None:
-        self.reset()
-
-    def transmit(self, command: bytes) -> bytes:
-        try:
-            response = self._process(command)
-        except CardError as exc:  # the one place an error becomes a status word
-            response = ResponseApdu(b"", exc.sw)
-        return response.encode()
 
     # -- state ----------------------------------------------------------------------
 
