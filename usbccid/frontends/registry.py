@@ -5,7 +5,7 @@ Adding a front end: its package in ``usbccid/frontends/`` with a class following
 line in :data:`FRONTENDS`.
 
 A front end's package is imported the first time a reader uses it: a server of USB/IP
-readers never loads the vpcd or VSCard code (a tenth of its start time).
+readers never loads the vpcd or VSCard code.
 """
 
 from __future__ import annotations
