@@ -39,10 +39,6 @@ def test_each_front_end_name_resolves_to_a_front_end_class(name: str) -> None:
     assert [m for m in members if not hasattr(cls, m)] == []
 
 
-def test_the_configuration_knows_the_same_front_ends() -> None:
-    assert tuple(frontends.FRONTENDS) == cfg.FRONTENDS
-
-
 #: modules that only a token, NSS, PC/SC card or a vpcd/VSCard reader needs
 UNNEEDED_FOR_EMULATED_USBIP = (
     "pkcs11",
